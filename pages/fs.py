@@ -1,0 +1,333 @@
+"""The file-system seam: every byte kvstore reads or writes passes through here.
+
+This module is the only engine module that calls ``os`` file functions
+(``tests/test_seam.py`` fails otherwise).  The engine receives a
+``FileSystem`` object and never touches ``os`` itself, so tests can swap in
+``pages.faultfs.FaultFS``, which simulates power cuts and I/O errors.
+
+Interface
+---------
+``FileSystem``: ``open(path)``, ``create(path)``, ``exists``, ``is_dir``,
+``listdir``, ``mkdir``, ``rename``, ``remove``, ``fsync_dir``, ``lock``.
+``File``: ``pread``, ``pwrite``, ``size``, ``fsync``, ``truncate``, ``close``.
+
+The durability rules live in this base class, so every implementation keeps
+them the same way (the subclasses supply only the raw ``_``-prefixed calls):
+
+S1. ``File.pwrite`` loops until every byte is written: a short write from the
+    OS is continued, never mistaken for success.
+S2. ``create``, ``mkdir``, ``rename`` and ``remove`` fsync the parent directory
+    before they return, so the name change is durable (the ALICE study's most
+    common crash bug is forgetting this).
+S3. Nothing here retries a failed ``fsync``.  After an fsync error the kernel
+    may have dropped the dirty pages and will report success next time; the
+    caller must treat the error as final (the WAL and page file poison
+    themselves).
+S4. No mmap, no buffered file objects: raw descriptors, ``os.pread`` and
+    ``os.pwrite``.
+
+Example:
+
+    >>> import tempfile, os.path
+    >>> fs = OsFileSystem()
+    >>> d = tempfile.mkdtemp()
+    >>> f = fs.create(os.path.join(d, "x"))
+    >>> f.pwrite(0, b"hello")
+    >>> f.fsync()
+    >>> f.pread(1, 3)
+    b'ell'
+    >>> f.size()
+    5
+    >>> f.close()
+    >>> fs.listdir(d)
+    ['x']
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+__all__ = ["File", "FileSystem", "OsFileSystem", "FileLock"]
+
+
+class File:
+    """An open file.  Subclasses implement the raw calls."""
+
+    path: str
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"pread: offset and size must be >= 0, got {offset}, {size}")
+        parts = []
+        while size > 0:
+            chunk = self._pread(offset, size)
+            if not chunk:
+                break
+            parts.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset`` (S1: loops over short writes)."""
+        if offset < 0:
+            raise ValueError(f"pwrite: offset must be >= 0, got {offset}")
+        view = memoryview(data)
+        while view:
+            n = self._pwrite(offset, view)
+            if n <= 0:
+                raise OSError(errno.EIO, f"pwrite wrote nothing to {self.path}")
+            offset += n
+            view = view[n:]
+
+    def size(self) -> int:
+        """The current size of the file in bytes."""
+        return self._size()
+
+    def fsync(self) -> None:
+        """Make the file's data durable.  Never retry after an error (S3)."""
+        self._fsync()
+
+    def truncate(self, size: int) -> None:
+        """Cut or extend the file to ``size`` bytes (call fsync to make it durable)."""
+        if size < 0:
+            raise ValueError(f"truncate: size must be >= 0, got {size}")
+        self._truncate(size)
+
+    def close(self) -> None:
+        """Close the file; later calls fail."""
+        self._close()
+
+    def __enter__(self) -> "File":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # raw calls, supplied by the implementation
+    def _pread(self, offset: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def _pwrite(self, offset: int, data: memoryview) -> int:
+        raise NotImplementedError
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+    def _fsync(self) -> None:
+        raise NotImplementedError
+
+    def _truncate(self, size: int) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class FileLock:
+    """An exclusive lock on a file, held until ``release()``."""
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
+class FileSystem:
+    """The seam.  Subclasses implement the raw calls; the durability rules
+    (S2) are kept here so that every implementation keeps them alike."""
+
+    #: Test-only canary switch: skip the directory fsync of S2.
+    skip_dir_fsync = False
+
+    def open(self, path: str) -> File:
+        """Open an existing file for reading and writing.
+
+        Raises FileNotFoundError if it does not exist.
+        """
+        return self._open(path, create=False)
+
+    def create(self, path: str) -> File:
+        """Create a new, empty file and make its name durable (S2).
+
+        Raises FileExistsError if it exists.
+        """
+        f = self._open(path, create=True)
+        self._after_name_change(path)
+        return f
+
+    def mkdir(self, path: str) -> None:
+        """Create a directory and make its name durable (S2)."""
+        self._mkdir(path)
+        self._after_name_change(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically rename ``src`` to ``dst`` (replacing it) durably (S2)."""
+        self._rename(src, dst)
+        self._after_name_change(dst)
+        if os.path.dirname(src) != os.path.dirname(dst):
+            self._after_name_change(src)
+
+    def remove(self, path: str) -> None:
+        """Remove a file durably (S2)."""
+        self._remove(path)
+        self._after_name_change(path)
+
+    def fsync_dir(self, path: str) -> None:
+        """Make the names in directory ``path`` durable."""
+        self._fsync_dir(path)
+
+    def exists(self, path: str) -> bool:
+        return self._exists(path)
+
+    def is_dir(self, path: str) -> bool:
+        return self._is_dir(path)
+
+    def listdir(self, path: str) -> list[str]:
+        """Names in directory ``path``, sorted."""
+        return sorted(self._listdir(path))
+
+    def lock(self, path: str) -> FileLock:
+        """Take an exclusive lock on the file ``path`` (created if missing).
+
+        Raises BlockingIOError at once if somebody holds it.
+        """
+        return self._lock(path)
+
+    def _after_name_change(self, path: str) -> None:
+        if not self.skip_dir_fsync:
+            self._fsync_dir(os.path.dirname(os.path.abspath(path)) or "/")
+
+    # raw calls, supplied by the implementation
+    def _open(self, path: str, create: bool) -> File:
+        raise NotImplementedError
+
+    def _mkdir(self, path: str) -> None:
+        raise NotImplementedError
+
+    def _rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError
+
+    def _remove(self, path: str) -> None:
+        raise NotImplementedError
+
+    def _fsync_dir(self, path: str) -> None:
+        raise NotImplementedError
+
+    def _exists(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def _is_dir(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def _listdir(self, path: str) -> list[str]:
+        raise NotImplementedError
+
+    def _lock(self, path: str) -> FileLock:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# The real implementation over os.
+
+
+class _OsFile(File):
+    __slots__ = ("path", "_fd")
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def _pwrite(self, offset: int, data: memoryview) -> int:
+        return os.pwrite(self._fd, data, offset)
+
+    def _size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def _fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def _truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+class _OsFileLock(FileLock):
+    def __init__(self, fd: int, key: tuple[int, int], owner: "OsFileSystem") -> None:
+        self._fd = fd
+        self._key = key
+        self._owner = owner
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            with OsFileSystem._locks_guard:
+                OsFileSystem._held.discard(self._key)
+            os.close(fd)  # closing the descriptor drops the flock
+
+
+class OsFileSystem(FileSystem):
+    """The real file system: raw descriptors, pread/pwrite, fsync."""
+
+    _locks_guard = threading.Lock()
+    _held: set[tuple[int, int]] = set()  # (st_dev, st_ino) of lock files held by this process
+
+    def _open(self, path: str, create: bool) -> File:
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        fd = os.open(path, flags, 0o644)
+        return _OsFile(path, fd)
+
+    def _mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def _rename(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def _remove(self, path: str) -> None:
+        os.remove(path)
+
+    def _fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def _is_dir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def _listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def _lock(self, path: str) -> FileLock:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            with self._locks_guard:
+                if key in self._held:
+                    raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked by this process")
+                # flock locks belong to the open file description, so a second
+                # open in this same process conflicts too; the set above makes
+                # that explicit and independent of the platform's lock flavour.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held.add(key)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _OsFileLock(fd, key, self)

@@ -1,0 +1,2 @@
+"""recovery: ARIES-style restart (analysis, redo, undo with CLRs) and the
+checkpointer."""

@@ -1,0 +1,388 @@
+"""The log writer: appends records, group commit, segment roll, truncation.
+
+``append`` only frames the record and queues it in memory (under a short
+lock); it returns the record's LSN.  ``flush(lsn)`` returns once the record at
+``lsn`` and everything before it is on stable storage.  When many threads
+flush at once, one of them becomes the *leader*: it takes every queued record,
+writes them with one ``pwrite`` per segment, fsyncs once and wakes the others.
+Threads that arrive while the leader is busy queue their records and wait; the
+next leader takes all of them.  So one fsync serves many commits.
+
+State machine of the writer::
+
+    open --append/flush--> open --I/O error--> poisoned --close--> closed
+      \\---------------------------close-------------------------------/
+
+Invariants (cited where they are kept and where tests check them):
+
+L1. ``flush(lsn)`` (sync) returns only after an fsync that covers the record
+    at ``lsn`` has completed.  ``durable_lsn`` never runs ahead of that.
+L2. A segment is fsynced before the next segment is created, so a later
+    segment proves every record of the earlier ones durable.
+L3. A new segment's header is written and fsynced (and its name made durable
+    by the seam) before any record is written into it.
+L4. After any failed write or fsync the writer is poisoned: every later
+    append and flush raises PoisonedError, and no fsync is retried (the
+    kernel may have dropped the data and would report success next time).
+L5. The ``durable_lsn`` stored in a record is at most the durable LSN at the
+    moment it was queued, so it never claims more than was durable.
+L6. ``truncate_before`` removes segments oldest first, each removal made
+    durable before the next, and never the segment being written: after a
+    crash the log is still a contiguous run of segments.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterator
+
+from wal.errors import ClosedError, PoisonedError
+from wal.failpoints import failpoint
+from wal.format import (
+    COMPRESS_THRESHOLD,
+    MAX_PAYLOAD,
+    NO_LSN,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    Record,
+    decode_record,
+    encode_record,
+    encode_segment_header,
+    prepare_payload,
+    segment_name,
+)
+from wal.reader import Segment, read_segment_records
+
+SYNC_MODES = ("full", "normal", "off")
+#: Under sync="normal", written but unsynced log is fsynced at least this often.
+NORMAL_SYNC_INTERVAL = 0.1
+#: Queued bytes that make an appender write them out (keeps memory bounded).
+WRITE_BEHIND_BYTES = 1 << 20
+
+
+class LogWriter:
+    """Appends to the log in ``directory`` from its end at ``segments[-1]``.
+
+    Use ``wal.log.WriteAheadLog.open``, which validates the log and cuts a
+    torn tail first; this class assumes a valid log.
+    """
+
+    def __init__(
+        self,
+        fs: Any,
+        directory: str,
+        db_id: bytes,
+        segments: list[Segment],
+        *,
+        segment_size: int = 16 * 2**20,
+        sync: str = "full",
+        compress_threshold: int = COMPRESS_THRESHOLD,
+    ) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        if not isinstance(segment_size, int) or segment_size < 4096:
+            raise ValueError(f"segment_size must be an int >= 4096, not {segment_size!r}")
+        self._fs = fs
+        self._dir = directory
+        self._db_id = db_id
+        self.segment_size = segment_size
+        self.sync = sync
+        self._compress_threshold = compress_threshold
+        self._cond = threading.Condition(threading.Lock())
+        last = segments[-1]
+        # guarded by self._cond:
+        self._next_lsn = last.end_lsn  # LSN the next append gets
+        self._written_lsn = last.end_lsn  # end of what the OS has
+        self._durable_lsn = last.end_lsn  # end of what is fsynced (L1)
+        self._pending: list[bytes | int] = []  # records; an int is a segment roll at that LSN
+        self._pending_bytes = 0
+        self._roll_base = last.first_lsn  # first LSN of the segment appends go to
+        self._io_busy = False  # a leader is writing
+        self._poison: PoisonedError | None = None
+        self._closed = False
+        # guarded by self._seg_lock (the leader rolls while others read):
+        self._seg_lock = threading.Lock()
+        self._segments = list(segments)
+        self._file = fs.open(last.path)  # used by the leader only
+        self._file_first = last.first_lsn
+        # statistics (approximate, unguarded increments are fine)
+        self.fsyncs = 0
+        self.writes = 0
+        self._syncer: threading.Thread | None = None
+        self._stop = threading.Event()
+        if sync == "normal":
+            self._syncer = threading.Thread(target=self._sync_loop, name="kvstore-wal-sync", daemon=True)
+            self._syncer.start()
+
+    # --- state ----------------------------------------------------------
+
+    @property
+    def end_lsn(self) -> int:
+        """LSN the next record will get (the end of everything appended)."""
+        return self._next_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        """Everything below this LSN is on stable storage."""
+        return self._durable_lsn
+
+    @property
+    def poisoned(self) -> PoisonedError | None:
+        return self._poison
+
+    def segments(self) -> list[Segment]:
+        """The segments, oldest first (the last one's end is the written end)."""
+        with self._seg_lock:
+            segs = [Segment(s.path, s.first_lsn, s.end_lsn) for s in self._segments]
+        for a, b in zip(segs, segs[1:]):
+            a.end_lsn = b.first_lsn
+        segs[-1].end_lsn = self._written_lsn
+        return segs
+
+    # --- appending ------------------------------------------------------
+
+    def append(self, rtype: int, txid: int, payload: bytes, prev_lsn: int = NO_LSN) -> int:
+        """Queue a record; return its LSN.  Nothing is durable until ``flush``.
+
+        Raises PoisonedError after an I/O error (L4), ClosedError after close,
+        ValueError for a payload over ``MAX_PAYLOAD``.
+        """
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"log record payload is {len(payload)} bytes, the limit is {MAX_PAYLOAD}")
+        stored, flags, pcrc = prepare_payload(payload, self._compress_threshold)
+        cond = self._cond
+        with cond:
+            if self._poison is not None:
+                raise self._poison
+            if self._closed:
+                raise ClosedError("the log is closed")
+            lsn = self._next_lsn
+            if lsn - self._roll_base >= self.segment_size:
+                self._pending.append(lsn)  # the leader rolls here (records never span segments)
+                self._roll_base = lsn
+            rec = encode_record(lsn, rtype, txid, prev_lsn, self._durable_lsn, stored, flags, pcrc)  # L5
+            self._pending.append(rec)
+            self._next_lsn = lsn + len(rec)
+            self._pending_bytes += len(rec)
+            write_behind = self._pending_bytes >= WRITE_BEHIND_BYTES and not self._io_busy
+        failpoint("wal.after_append")
+        if write_behind:
+            self.flush(lsn, sync=False)
+        return lsn
+
+    def flush(self, lsn: int | None = None, *, sync: bool = True) -> None:
+        """Return once the record at ``lsn`` (default: everything appended)
+        and all before it are durable (``sync``) or at least written to the OS.
+
+        Group commit: concurrent callers share one write and one fsync.
+        Raises PoisonedError if this or an earlier I/O failed (L4).
+        """
+        cond = self._cond
+        with cond:
+            target = self._next_lsn if lsn is None else lsn + 1
+            while True:
+                done = self._durable_lsn if sync else self._written_lsn
+                if done >= target:
+                    return
+                if self._poison is not None:
+                    raise self._poison
+                if self._io_busy:
+                    cond.wait()
+                    continue
+                self._lead(sync)
+
+    def commit_wait(self, lsn: int) -> None:
+        """Wait for a commit record at ``lsn`` as the sync mode says:
+        ``full`` until it is durable, ``normal`` and ``off`` until the OS has it."""
+        self.flush(lsn, sync=self.sync == "full")
+
+    def _lead(self, sync: bool) -> None:
+        """Do one round of I/O for everybody.  Caller holds self._cond; it is
+        released during the I/O and held again on return."""
+        items, self._pending = self._pending, []
+        self._pending_bytes = 0
+        start, end = self._written_lsn, self._next_lsn
+        self._io_busy = True
+        self._cond.release()
+        error: BaseException | None = None
+        synced_to = None
+        try:
+            synced_to = self._write_out(items, start, sync)
+        except OSError as e:
+            error = e
+        finally:
+            self._cond.acquire()
+            self._io_busy = False
+            if error is not None:
+                self._poison = PoisonedError(f"write-ahead log I/O failed, the log is read-only until reopened: {error}", error)
+                self._poison.__cause__ = error
+            else:
+                self._written_lsn = end
+                if synced_to is not None and synced_to > self._durable_lsn:
+                    self._durable_lsn = synced_to
+            self._cond.notify_all()
+        if error is not None:
+            raise self._poison from error  # type: ignore[misc]
+
+    def _write_out(self, items: list[bytes | int], lsn: int, sync: bool) -> int | None:
+        """Write queued items from ``lsn`` on; fsync if ``sync``.  No lock held
+        (only one leader at a time).  Returns the LSN made durable, if any."""
+        synced_to = None
+        chunk: list[bytes] = []
+        for item in items:
+            if type(item) is int:
+                lsn = self._write_chunk(chunk, lsn)
+                chunk = []
+                self._roll(item)
+                synced_to = item
+            else:
+                chunk.append(item)  # type: ignore[arg-type]
+        lsn = self._write_chunk(chunk, lsn)
+        if sync:
+            failpoint("wal.before_fsync")
+            self.fsyncs += 1
+            self._file.fsync()  # L1
+            failpoint("wal.after_fsync")
+            synced_to = lsn
+        return synced_to
+
+    def _write_chunk(self, chunk: list[bytes], lsn: int) -> int:
+        if not chunk:
+            return lsn
+        data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
+        self.writes += 1
+        self._file.pwrite(SEGMENT_HEADER_SIZE + lsn - self._file_first, data)
+        failpoint("wal.after_write")
+        return lsn + len(data)
+
+    def _roll(self, first_lsn: int) -> None:
+        """Start a new segment at ``first_lsn`` (L2, L3)."""
+        failpoint("wal.before_roll_fsync")
+        self.fsyncs += 1
+        self._file.fsync()  # L2
+        path = os.path.join(self._dir, segment_name(first_lsn))
+        new = self._fs.create(path)
+        try:
+            new.pwrite(0, encode_segment_header(self._db_id, first_lsn))
+            failpoint("wal.before_segment_header_fsync")
+            self.fsyncs += 1
+            new.fsync()  # L3
+        except BaseException:
+            new.close()
+            raise
+        old, self._file, self._file_first = self._file, new, first_lsn
+        old.close()
+        with self._seg_lock:
+            self._segments[-1].end_lsn = first_lsn
+            self._segments.append(Segment(path, first_lsn, first_lsn))
+
+    def _sync_loop(self) -> None:
+        """sync="normal": fsync what the OS has at least every 100 ms."""
+        while not self._stop.wait(NORMAL_SYNC_INTERVAL):
+            if self._poison is not None or self._closed:
+                return
+            if self._written_lsn > self._durable_lsn:
+                try:
+                    self.flush(self._written_lsn - 1)
+                except Exception:
+                    return  # poisoned: the next append reports it
+
+    # --- reading ----------------------------------------------------------
+
+    def read(self, lsn: int) -> Record:
+        """The record at ``lsn``.  Raises CorruptionError if none is there."""
+        if lsn >= self._written_lsn:
+            self.flush(lsn, sync=False)
+        for seg in reversed(self.segments()):
+            if seg.first_lsn <= lsn < seg.end_lsn:
+                break
+        else:
+            raise ValueError(f"LSN {lsn} is not in the log (it holds {self.segments()[0].first_lsn}..{self._written_lsn})")
+        f = self._fs.open(seg.path)
+        try:
+            offset = SEGMENT_HEADER_SIZE + lsn - seg.first_lsn
+            head = f.pread(offset, RECORD_HEADER_SIZE)
+            length = RECORD_HEADER.unpack_from(head, 4)[3] if len(head) == RECORD_HEADER_SIZE else 0
+            buf = f.pread(offset, RECORD_HEADER_SIZE + min(length, MAX_PAYLOAD))
+        finally:
+            f.close()
+        rec = decode_record(buf, 0, lsn)
+        if rec is None:
+            from wal.errors import CorruptionError
+
+            raise CorruptionError(f"{seg.path} at LSN {lsn}", "no valid record at this LSN")
+        return rec
+
+    def records(self, from_lsn: int | None = None) -> Iterator[Record]:
+        """Records from ``from_lsn`` (default: the oldest) to the written end.
+
+        Raises CorruptionError on a record that does not decode.
+        """
+        self.flush(sync=False)
+        segs = self.segments()
+        if from_lsn is None:
+            from_lsn = segs[0].first_lsn
+        for seg in segs:
+            if seg.end_lsn <= from_lsn:
+                continue
+            f = self._fs.open(seg.path)
+            try:
+                data = f.pread(0, SEGMENT_HEADER_SIZE + seg.end_lsn - seg.first_lsn)
+            finally:
+                f.close()
+            yield from read_segment_records(data, seg.path, seg.first_lsn, max(from_lsn, seg.first_lsn), seg.end_lsn)
+
+    def transaction_records(self, last_lsn: int) -> Iterator[Record]:
+        """One transaction's records, newest first, by following prev-LSN."""
+        lsn = last_lsn
+        while lsn != NO_LSN:
+            rec = self.read(lsn)
+            yield rec
+            lsn = rec.prev_lsn
+
+    # --- truncation and close -------------------------------------------
+
+    def truncate_before(self, lsn: int) -> int:
+        """Remove the segments that lie wholly below ``lsn`` (L6); return the
+        number of bytes of log removed.  The segment being written stays.
+
+        A failure poisons the log (L4): a lost removal followed by a durable
+        later one would leave a gap.
+        """
+        if self._poison is not None:
+            raise self._poison
+        removed = 0
+        while True:
+            with self._seg_lock:
+                if len(self._segments) < 2 or self._segments[1].first_lsn > lsn:
+                    return removed
+                victim, nxt = self._segments[0], self._segments[1]
+            failpoint("wal.before_segment_remove")
+            try:
+                self._fs.remove(victim.path)  # the seam fsyncs the directory: L6
+            except OSError as e:
+                with self._cond:
+                    self._poison = PoisonedError(f"removing {victim.path} failed, the log is read-only until reopened: {e}", e)
+                raise self._poison from e
+            with self._seg_lock:
+                self._segments.pop(0)
+            removed += nxt.first_lsn - victim.first_lsn
+
+    def close(self) -> None:
+        """Flush everything (if not poisoned) and close.  Idempotent."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        try:
+            if self._poison is None:
+                self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                while self._io_busy:
+                    self._cond.wait()
+            self._file.close()
