@@ -154,7 +154,11 @@ class FileSystem:
         Raises FileExistsError if it exists.
         """
         f = self._open(path, create=True)
-        self._after_name_change(path)
+        try:
+            self._after_name_change(path)
+        except BaseException:
+            f.close()
+            raise
         return f
 
     def mkdir(self, path: str) -> None:
