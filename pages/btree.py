@@ -1,0 +1,486 @@
+"""A B+tree over logical pages, logged physiologically.
+
+Keys are 1..1024 bytes, ordered bytewise.  Each leaf cell carries a value (or
+an overflow reference), the writer's transaction id, an undo pointer and a
+delete mark (``pages.node``).  The root's page id never changes: a root split
+moves the root's content to a new page, a root collapse moves its only child's
+content up, so the root id can live in the meta without being logged.
+
+Every change is logged before it is applied (log first, then mutate):
+
+* a put or delete that fits in its leaf is one record with one op;
+* a structure change (split, merge, redistribution, root change) is one
+  redo-only record holding every page op of it -- new pages as IMAGE ops,
+  cuts and separator changes as small ops -- so a torn log never holds half
+  of one.  The live path applies those ops with the same function restart
+  uses (``pages.redo``), so replaying the log repeats history exactly.
+
+Fill rule: cells bigger than a third of a page body go to overflow pages, so a
+split always yields two halves that fit; a non-root node below a quarter of a
+page body is merged with or refilled from a sibling.
+
+Not thread-safe: the caller holds the engine latch.  Scans yield one leaf's
+worth at a time and re-seek between leaves, so the caller may release the
+latch between batches and the tree may change meanwhile.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from typing import Any, Callable, Iterator
+
+import crc32c
+import lz4.block
+
+from pages import redo
+from pages.buffer_pool import BufferPool
+from pages.node import (
+    CELL_OVERHEAD,
+    FLAG_DELETED,
+    OVF_REF_SIZE,
+    Cell,
+    InternalNode,
+    LeafNode,
+    Op,
+    OverflowNode,
+    OverflowRef,
+    body_capacity,
+    cell_size,
+    op_image,
+    op_index_key,
+    op_leaf_del,
+    op_leaf_put,
+)
+from pages.pagefile import PageFile
+
+MAX_KEY = 1024
+MAX_VALUE = 64 * 2**20
+
+LogOps = Callable[[list], int]  # append a record of [(page id, Op, data)], return its LSN
+
+
+class BTree:
+    """A B+tree rooted at page ``root``.  Create one with ``BTree.create``."""
+
+    def __init__(self, pool: BufferPool, pagefile: PageFile, log_ops: LogOps, root: int, capacity: int | None = None) -> None:
+        self.pool = pool
+        self.pagefile = pagefile
+        self._log = log_ops
+        self.root = root
+        self.capacity = capacity or body_capacity(pagefile.page_size)
+        self.max_cell = self.capacity // 3
+        self.min_fill = self.capacity // 4
+        self._ovf_chunk = body_capacity(pagefile.page_size) - 8
+
+    @classmethod
+    def create(cls, pool: BufferPool, pagefile: PageFile, log_ops: LogOps, capacity: int | None = None) -> "BTree":
+        """A new empty tree (an empty root leaf), logged."""
+        root = pagefile.allocate()
+        pool.begin_op()
+        try:
+            redo.apply_live(pool, pagefile, log_ops, [(root, Op.IMAGE, op_image(LeafNode()))])
+        finally:
+            pool.end_op()
+        return cls(pool, pagefile, log_ops, root, capacity)
+
+    # --- reads ---------------------------------------------------------------------
+
+    def get(self, key: bytes) -> Cell | None:
+        """The cell stored for ``key``, or None.  Cost: one root-to-leaf descent."""
+        get = self.pool.get
+        node = get(self.root)
+        while node.__class__ is InternalNode:
+            node = get(node.children[bisect_right(node.keys, key)])
+        keys = node.keys
+        i = bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            return node.cells[i]
+        return None
+
+    def read_value(self, cell: Cell) -> bytes:
+        """The value of a cell, following its overflow chain if it has one.
+
+        Raises CorruptionError if the chain is damaged.
+        """
+        v = cell[3]
+        if v.__class__ is not OverflowRef:
+            return v
+        parts = []
+        lid = v.first
+        got = 0
+        while lid and got < v.stored:
+            node = self.pool.get(lid)
+            if node.__class__ is not OverflowNode:
+                from wal.errors import CorruptionError
+
+                raise CorruptionError(f"page {lid}", "expected an overflow page in a value's chain")
+            parts.append(node.data)
+            got += len(node.data)
+            lid = node.next
+        data = b"".join(parts)[: v.stored]
+        if v.compressed:
+            data = lz4.block.decompress(data)
+        if len(data) != v.length or crc32c.crc32c(data) != v.crc:
+            from wal.errors import CorruptionError
+
+            raise CorruptionError(f"overflow chain at page {v.first}", "value does not match its length or checksum")
+        return data
+
+    def scan(self, start: bytes | None = None, stop: bytes | None = None, reverse: bool = False) -> Iterator[tuple[bytes, Cell]]:
+        """(key, cell) for keys in [start, stop), ascending (or descending)."""
+        for batch in self.scan_batches(start, stop, reverse):
+            yield from batch
+
+    def scan_batches(self, start: bytes | None, stop: bytes | None, reverse: bool = False) -> Iterator[list[tuple[bytes, Cell]]]:
+        """Like ``scan``, one leaf per batch; the tree may change between
+        batches (each batch re-seeks from the root)."""
+        if not reverse:
+            pos: bytes | None = start if start is not None else b""
+            while pos is not None:
+                leaf, upper = self._seek(pos)
+                keys = leaf.keys
+                i = bisect_left(keys, pos)
+                j = len(keys) if stop is None or (upper is not None and upper <= stop) else bisect_left(keys, stop)
+                if i < j:
+                    yield list(zip(keys[i:j], leaf.cells[i:j]))
+                if upper is None or (stop is not None and upper >= stop):
+                    return
+                pos = upper
+        else:
+            bound: bytes | None = stop  # exclusive upper bound; None = +infinity
+            while True:
+                leaf, lower = self._seek_rev(bound)
+                keys = leaf.keys
+                j = len(keys) if bound is None else bisect_left(keys, bound)
+                i = 0 if start is None else bisect_left(keys, start, 0, j)
+                if i < j:
+                    yield list(zip(reversed(keys[i:j]), reversed(leaf.cells[i:j])))
+                if lower is None or (start is not None and lower <= start):
+                    return
+                bound = lower
+
+    def _seek(self, key: bytes) -> tuple[LeafNode, bytes | None]:
+        """The leaf where ``key`` belongs and the smallest separator above it."""
+        get = self.pool.get
+        node = get(self.root)
+        upper = None
+        while node.__class__ is InternalNode:
+            i = bisect_right(node.keys, key)
+            if i < len(node.keys):
+                upper = node.keys[i]
+            node = get(node.children[i])
+        return node, upper
+
+    def _seek_rev(self, bound: bytes | None) -> tuple[LeafNode, bytes | None]:
+        """The leaf holding the largest keys below ``bound`` (None: the last
+        leaf), and the separator that is that leaf's lower limit."""
+        get = self.pool.get
+        node = get(self.root)
+        lower = None
+        while node.__class__ is InternalNode:
+            i = len(node.keys) if bound is None else bisect_left(node.keys, bound)
+            if i > 0:
+                lower = node.keys[i - 1]
+            node = get(node.children[i])
+        return node, lower
+
+    # --- writes ------------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes, txid: int = 0, undo: int = 0, flags: int = 0, free_old: bool = True) -> Cell | None:
+        """Insert or replace ``key``; return the old cell (or None).
+
+        ``free_old`` frees the old value's overflow chain (the MVCC layer keeps
+        it for an undo record instead).  Cost: O(depth), plus a split now and
+        then.
+        """
+        if len(key) > MAX_KEY or not key:
+            raise ValueError(f"key must be 1..{MAX_KEY} bytes, got {len(key)}")
+        if len(value) > MAX_VALUE:
+            raise ValueError(f"value must be at most {MAX_VALUE} bytes, got {len(value)}")
+        pool = self.pool
+        pool.begin_op()
+        try:
+            ops: list = []
+            v: Any = value
+            if CELL_OVERHEAD + len(key) + len(value) > self.max_cell:
+                v = self._plan_overflow(value, ops)
+            cell = (flags, txid, undo, v)
+            path = self._path(key)
+            leaf_lid, leaf = path[-1]
+            i = bisect_left(leaf.keys, key)
+            old = leaf.cells[i] if i < len(leaf.keys) and leaf.keys[i] == key else None
+            if old is not None and free_old:
+                self._plan_free_value(old, ops)
+            new_size = leaf.size + cell_size(key, cell) - (cell_size(key, old) if old is not None else 0)
+            ops.append((leaf_lid, Op.LEAF_PUT, op_leaf_put(key, cell)))
+            if self.min_fill <= new_size <= self.capacity or len(path) == 1 and new_size <= self.capacity:
+                if len(ops) == 1:  # the common case: apply directly
+                    lsn = self._log(ops)
+                    leaf.put(key, cell)
+                    pool.mark_dirty(leaf_lid, leaf, lsn)
+                else:
+                    redo.apply_live(pool, self.pagefile, self._log, ops)
+                return old
+            virtual = LeafNode(list(leaf.keys), list(leaf.cells))
+            virtual.put(key, cell)
+            if new_size > self.capacity:
+                self._plan_split(path, virtual, ops)
+            else:
+                self._plan_rebalance(path, virtual, ops)
+            redo.apply_live(pool, self.pagefile, self._log, ops)
+            return old
+        finally:
+            pool.end_op()
+
+    def delete(self, key: bytes, free_old: bool = True) -> Cell | None:
+        """Remove ``key``; return its old cell, or None if it was absent."""
+        pool = self.pool
+        pool.begin_op()
+        try:
+            path = self._path(key)
+            leaf_lid, leaf = path[-1]
+            i = bisect_left(leaf.keys, key)
+            if i == len(leaf.keys) or leaf.keys[i] != key:
+                return None
+            old = leaf.cells[i]
+            ops: list = []
+            if free_old:
+                self._plan_free_value(old, ops)
+            ops.append((leaf_lid, Op.LEAF_DEL, op_leaf_del(key)))
+            new_size = leaf.size - cell_size(key, old)
+            if new_size >= self.min_fill or len(path) == 1:
+                if len(ops) == 1:
+                    lsn = self._log(ops)
+                    leaf.remove(key)
+                    pool.mark_dirty(leaf_lid, leaf, lsn)
+                else:
+                    redo.apply_live(pool, self.pagefile, self._log, ops)
+                return old
+            virtual = LeafNode(list(leaf.keys), list(leaf.cells))
+            virtual.remove(key)
+            self._plan_rebalance(path, virtual, ops)
+            redo.apply_live(pool, self.pagefile, self._log, ops)
+            return old
+        finally:
+            pool.end_op()
+
+    def free_value(self, cell: Cell) -> None:
+        """Free a value's overflow chain (logged); no-op for inline values."""
+        ops: list = []
+        self.pool.begin_op()
+        try:
+            self._plan_free_value(cell, ops)
+            if ops:
+                redo.apply_live(self.pool, self.pagefile, self._log, ops)
+        finally:
+            self.pool.end_op()
+
+    def _path(self, key: bytes) -> list[tuple[int, Any]]:
+        get = self.pool.get
+        lid = self.root
+        node = get(lid)
+        path = [(lid, node)]
+        while node.__class__ is InternalNode:
+            lid = node.children[bisect_right(node.keys, key)]
+            node = get(lid)
+            path.append((lid, node))
+        return path
+
+    # --- planning structure changes -------------------------------------------------
+    # Each planner appends ops and keeps a "virtual" copy of every node it
+    # changes, so cascades see the state the earlier ops will have made.
+
+    def _plan_overflow(self, value: bytes, ops: list) -> OverflowRef:
+        data, compressed = value, 0
+        packed = lz4.block.compress(value)
+        if len(packed) < len(value) - len(value) // 16:
+            data, compressed = packed, 1
+        chunk = self._ovf_chunk
+        pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
+        lids = [self.pagefile.allocate() for _ in pieces]
+        for n, piece in enumerate(pieces):
+            nxt = lids[n + 1] if n + 1 < len(lids) else 0
+            ops.append((lids[n], Op.IMAGE, op_image(OverflowNode(nxt, piece))))
+        return OverflowRef(lids[0], len(data), len(value), compressed, crc32c.crc32c(value))
+
+    def _plan_free_value(self, cell: Cell, ops: list) -> None:
+        v = cell[3]
+        if v.__class__ is not OverflowRef:
+            return
+        lid = v.first
+        while lid:
+            node = self.pool.get(lid)
+            ops.append((lid, Op.FREE, b""))
+            lid = node.next
+
+    def _split_leaf(self, node: LeafNode) -> int:
+        """Index at which to split an over-full leaf by bytes."""
+        half = node.size // 2
+        acc = 2
+        for i, (k, c) in enumerate(zip(node.keys, node.cells)):
+            acc += cell_size(k, c)
+            if acc >= half:
+                return max(1, min(i + 1, len(node.keys) - 1))
+        return len(node.keys) // 2
+
+    def _plan_split(self, path: list[tuple[int, Any]], node: Any, ops: list) -> None:
+        """Split ``node`` (the virtual state of the last page of ``path``) and
+        every ancestor it over-fills."""
+        level = len(path) - 1
+        while node.size > self.capacity:
+            lid = path[level][0]
+            if node.__class__ is LeafNode:
+                i = self._split_leaf(node)
+                sep = node.keys[i]
+                right: Any = LeafNode(node.keys[i:], node.cells[i:])
+                left: Any = LeafNode(node.keys[:i], node.cells[:i])
+            else:
+                m = len(node.keys) // 2
+                sep = node.keys[m]
+                right = InternalNode(node.keys[m + 1 :], node.children[m + 1 :])
+                left = InternalNode(node.keys[:m], node.children[: m + 1])
+            right_lid = self.pagefile.allocate()
+            if level == 0:  # root split: the root id stays; both halves move down
+                left_lid = self.pagefile.allocate()
+                ops.append((left_lid, Op.IMAGE, op_image(left)))
+                ops.append((right_lid, Op.IMAGE, op_image(right)))
+                ops.append((lid, Op.IMAGE, op_image(InternalNode([sep], [left_lid, right_lid]))))
+                return
+            ops.append((right_lid, Op.IMAGE, op_image(right)))
+            ops.append((lid, Op.IMAGE, op_image(left)))
+            parent_lid, parent = path[level - 1]
+            virtual = InternalNode(list(parent.keys), list(parent.children))
+            idx = virtual.child_index(sep)
+            virtual.insert(idx, sep, right_lid)
+            ops.append((parent_lid, Op.INT_INSERT, op_index_key(idx, sep, right_lid)))
+            node = virtual
+            level -= 1
+
+    def _plan_rebalance(self, path: list[tuple[int, Any]], node: Any, ops: list) -> None:
+        """Fix an under-full ``node`` (virtual state of path[level]) by merging
+        with or borrowing from a sibling, cascading up; collapse the root."""
+        level = len(path) - 1
+        lid = path[level][0]
+        ops.append((lid, Op.IMAGE, op_image(node)))
+        while level > 0 and node.size < self.min_fill:
+            parent_lid, parent_real = path[level - 1]
+            parent = InternalNode(list(parent_real.keys), list(parent_real.children))
+            idx = parent.children.index(lid)
+            if idx > 0:
+                li, left_lid, right_lid = idx - 1, parent.children[idx - 1], lid
+                left, right = self._virtual(left_lid, ops), node
+            else:
+                li, left_lid, right_lid = 0, lid, parent.children[1]
+                left, right = node, self._virtual(right_lid, ops)
+            sep = parent.keys[li]
+            if left.__class__ is LeafNode:
+                keys, cells = left.keys + right.keys, left.cells + right.cells
+                merged: Any = LeafNode(keys, cells)
+            else:
+                merged = InternalNode(left.keys + [sep] + right.keys, left.children + right.children)
+            if merged.size <= self.capacity:
+                ops.append((left_lid, Op.IMAGE, op_image(merged)))
+                ops.append((right_lid, Op.FREE, b""))
+                parent.remove(li)
+                ops.append((parent_lid, Op.INT_REMOVE, op_index_key(li, b"")))
+            else:  # redistribute: split the combined content evenly
+                if merged.__class__ is LeafNode:
+                    i = self._split_leaf(merged)
+                    new_sep = merged.keys[i]
+                    nl: Any = LeafNode(merged.keys[:i], merged.cells[:i])
+                    nr: Any = LeafNode(merged.keys[i:], merged.cells[i:])
+                else:
+                    m = len(merged.keys) // 2
+                    new_sep = merged.keys[m]
+                    nl = InternalNode(merged.keys[:m], merged.children[: m + 1])
+                    nr = InternalNode(merged.keys[m + 1 :], merged.children[m + 1 :])
+                ops.append((left_lid, Op.IMAGE, op_image(nl)))
+                ops.append((right_lid, Op.IMAGE, op_image(nr)))
+                parent.set_key(li, new_sep)
+                ops.append((parent_lid, Op.INT_SETKEY, op_index_key(li, new_sep)))
+                if parent.size > self.capacity:  # a longer separator can over-fill the parent
+                    self._plan_split(path[:level], parent, ops)
+                return
+            node, lid, level = parent, parent_lid, level - 1
+        if level == 0 and node.__class__ is InternalNode and not node.keys:
+            # root collapse: pull the only child's content up into the root id
+            child_lid = node.children[0]
+            child = self._virtual(child_lid, ops)
+            ops.append((lid, Op.IMAGE, op_image(child)))
+            ops.append((child_lid, Op.FREE, b""))
+
+    def _virtual(self, lid: int, ops: list) -> Any:
+        """A copy of page ``lid`` as the planned ops so far leave it."""
+        node = self.pool.get(lid)
+        if node.__class__ is LeafNode:
+            copy: Any = LeafNode(list(node.keys), list(node.cells))
+        else:
+            copy = InternalNode(list(node.keys), list(node.children))
+        for olid, op, data in ops:
+            if olid == lid:
+                copy = redo.apply_to_node(copy, op, data)
+        return copy
+
+    # --- inspection ----------------------------------------------------------------
+
+    def depth(self) -> int:
+        node = self.pool.get(self.root)
+        d = 1
+        while node.__class__ is InternalNode:
+            node = self.pool.get(node.children[0])
+            d += 1
+        return d
+
+    def _check(self) -> dict[str, int]:
+        """Raise AssertionError on a broken invariant: key order, separator
+        bounds, equal leaf depth, fill, overflow chains.  Returns counts."""
+        counts = {"leaves": 0, "internal": 0, "keys": 0, "overflow_pages": 0}
+        leaf_depths: set[int] = set()
+
+        def walk(lid: int, lo: bytes | None, hi: bytes | None, depth: int) -> None:
+            node = self.pool.get(lid)
+            assert node.size <= self.capacity, f"page {lid} over-full: {node.size} > {self.capacity}"
+            if lid != self.root:
+                assert node.size >= self.min_fill, f"page {lid} under-full: {node.size} < {self.min_fill}"
+            keys = node.keys
+            assert all(a < b for a, b in zip(keys, keys[1:])), f"page {lid}: keys out of order"
+            if keys:
+                assert lo is None or keys[0] >= lo, f"page {lid}: key below its lower bound"
+                assert hi is None or keys[-1] < hi, f"page {lid}: key above its upper bound"
+            if node.__class__ is LeafNode:
+                counts["leaves"] += 1
+                counts["keys"] += len(keys)
+                leaf_depths.add(depth)
+                assert node.size == 2 + sum(cell_size(k, c) for k, c in zip(keys, node.cells)), f"page {lid}: size"
+                for c in node.cells:
+                    if c[3].__class__ is OverflowRef:
+                        counts["overflow_pages"] += self._check_chain(c[3])
+                return
+            counts["internal"] += 1
+            assert len(node.children) == len(keys) + 1, f"page {lid}: children do not match keys"
+            assert lid == self.root or keys, f"page {lid}: internal node without keys"
+            bounds = [lo] + list(keys) + [hi]
+            for i, child in enumerate(node.children):
+                walk(child, bounds[i], bounds[i + 1], depth + 1)
+
+        self.pool.begin_op()
+        try:
+            walk(self.root, None, None, 1)
+        finally:
+            self.pool.end_op()
+        assert len(leaf_depths) <= 1, f"leaves at different depths: {leaf_depths}"
+        return counts
+
+    def _check_chain(self, ref: OverflowRef) -> int:
+        n, got, lid = 0, 0, ref.first
+        while lid:
+            node = self.pool.get(lid)
+            assert node.__class__ is OverflowNode, f"page {lid} in an overflow chain is not an overflow page"
+            got += len(node.data)
+            n += 1
+            lid = node.next
+        assert got == ref.stored, f"overflow chain at {ref.first} holds {got} bytes, expected {ref.stored}"
+        return n
+
+
+__all__ = ["BTree", "MAX_KEY", "MAX_VALUE", "FLAG_DELETED", "OVF_REF_SIZE"]

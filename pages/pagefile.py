@@ -1,0 +1,457 @@
+"""The page file: slots, the shadow page table, free space, and the flip.
+
+Pages have logical ids (1, 2, ...; 0 means "none").  A page table maps each
+logical id to the physical slot holding its newest written image and that
+image's crc.  The table itself is stored in page-table pages, a radix tree
+whose root the meta page names; it is copy-on-write like everything else.
+
+Three images of the table exist:
+
+* the *durable* one, which the valid meta with the highest generation names;
+* the *current* one, in memory: where every page was last written;
+* between them, pages written since the last flip (stolen by the buffer pool,
+  or written by a flip in progress) sit in free slots that no durable
+  structure references.
+
+``flip()`` makes the current image durable::
+
+    dirty pages -> free slots          (the buffer pool, before calling flip)
+    changed page-table pages -> free slots
+    fsync(page file)                                  P3
+    meta (generation + 1) -> the other meta slot
+    fsync(page file)
+    slots the old image used and the new one does not -> free      P4
+
+Invariants:
+
+P1. A page reaches the page file only after the log is durable up to its page
+    LSN (kept by the buffer pool, which calls the log flush it was given).
+P2. No write ever goes to a slot the durable meta references, directly or
+    through the page table: the durable image is never overwritten.
+P3. A meta page is written only after every page and page-table page it
+    references is durable (the fsync before it).
+P4. A slot freed by a flip is reused only after that flip's meta is durable.
+
+Free space is derived, not stored: on open, every slot that the durable page
+table does not reference is free.  (ARCHITECTURE.md keeps a free-space map in
+the meta; deriving it cannot disagree with the page table, and costs one pass
+over the table, which open reads anyway.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from sortedcontainers import SortedList
+
+from pages.format import (
+    MIN_PAGE_SIZE,
+    PAGE_HEADER_SIZE,
+    PT_ENTRY,
+    TEST_MIN_PAGE_SIZE,
+    Meta,
+    PageType,
+    check_page_size,
+    decode_page,
+    encode_page,
+    pt_fanout,
+)
+from wal.errors import CorruptionError, PoisonedError
+from wal.failpoints import failpoint
+
+log = logging.getLogger("kvstore")
+
+PAGE_FILE_NAME = "pages.db"
+_META_SLOTS = 2
+
+
+class PageFile:
+    """The page file of one database.  Not thread-safe: the caller holds the
+    engine latch around every call."""
+
+    def __init__(self, fs: Any, path: str, file: Any, meta: Meta, meta_slot: int) -> None:
+        self._fs = fs
+        self.path = path
+        self._file = file
+        self.page_size = meta.page_size
+        self.db_id = meta.db_id
+        self.meta = meta  # the durable meta
+        self._meta_slot = meta_slot  # where the durable meta lives
+        self._fanout = pt_fanout(self.page_size)
+        # the current page table, indexed by logical id
+        self._slot: list[int] = [0]
+        self._crc: list[int] = [0]
+        self._free_lids: SortedList = SortedList()
+        self._allocated: set[int] = set()  # ids allocated but not written yet
+        # page-table pages of the durable image: level -> index -> (slot, crc)
+        self._pt_pages: list[dict[int, tuple[int, int]]] = []
+        self._pt_dirty: set[int] = set()  # level-0 page-table pages changed since the flip
+        self._durable_slots: set[int] = set()  # every slot the durable image references (P2)
+        self._pending_free: set[int] = set()  # freed by the next flip (P4)
+        self._free_slots: SortedList = SortedList()
+        self._nslots = _META_SLOTS
+        self._poison: PoisonedError | None = None
+        self.pages_written = 0
+        self.pages_read = 0
+
+    # --- create and open --------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, fs: Any, path: str, page_size: int, db_id: bytes, app: bytes = b"", min_page_size: int = MIN_PAGE_SIZE
+    ) -> "PageFile":
+        """Create a new page file with an empty page table (generation 1).
+
+        Raises FileExistsError if ``path`` exists, ValueError for a bad
+        ``page_size``.  (``min_page_size`` lets tests use tiny pages.)
+        """
+        check_page_size(page_size, min_page_size)
+        f = fs.create(path)
+        meta = Meta(page_size, 1, db_id, 0, 0, 0, 0, _META_SLOTS, 1, app)
+        try:
+            f.pwrite(0, meta.encode().ljust(page_size, b"\0"))
+            f.pwrite(page_size, bytes(page_size))
+            f.fsync()
+        except BaseException:
+            f.close()
+            raise
+        self = cls(fs, path, f, meta, 0)
+        self._nslots = _META_SLOTS
+        return self
+
+    @classmethod
+    def open(cls, fs: Any, path: str) -> "PageFile":
+        """Open an existing page file at its newest valid meta.
+
+        Raises CorruptionError if neither meta page is valid, or if a
+        page-table page is damaged; nothing is written.
+        """
+        f = fs.open(path)
+        try:
+            meta, slot = cls._read_metas(f, path)
+            self = cls(fs, path, f, meta, slot)
+            self._load_page_table()
+        except BaseException:
+            f.close()
+            raise
+        return self
+
+    @staticmethod
+    def _read_metas(f: Any, path: str) -> tuple[Meta, int]:
+        found: list[tuple[int, int, Meta]] = []
+        errors = []
+        try:
+            m0 = Meta.decode(f.pread(0, MIN_PAGE_SIZE), f"{path} meta slot 0")
+            check_page_size(m0.page_size, TEST_MIN_PAGE_SIZE)
+            found.append((m0.generation, 0, m0))
+            sizes = [m0.page_size]
+        except (CorruptionError, ValueError) as e:
+            errors.append(str(e))
+            sizes = [TEST_MIN_PAGE_SIZE << i for i in range(8)]
+        for size in sizes:
+            try:
+                m1 = Meta.decode(f.pread(size, MIN_PAGE_SIZE), f"{path} meta slot 1")
+            except CorruptionError as e:
+                errors.append(str(e))
+                continue
+            if m1.page_size == size:
+                found.append((m1.generation, 1, m1))
+                break
+        if not found:
+            raise CorruptionError(path, "both meta pages are damaged: " + "; ".join(errors[:2]))
+        if len(found) == 2 and found[0][2].db_id != found[1][2].db_id:
+            raise CorruptionError(path, "the two meta pages name different databases")
+        gen, slot, meta = max(found, key=lambda t: t[0])
+        return meta, slot
+
+    def _load_page_table(self) -> None:
+        meta = self.meta
+        nlids = meta.nlids
+        self._slot = [0] * nlids
+        self._crc = [0] * nlids
+        self._nslots = max(meta.nslots, self._file.size() // self.page_size, _META_SLOTS)
+        self._pt_pages = [dict() for _ in range(meta.pt_depth)]
+        used = self._durable_slots
+        if meta.pt_depth:
+            self._load_pt_level(meta.pt_depth - 1, 0, meta.pt_root, meta.pt_root_crc)
+        for lid in range(1, nlids):
+            s = self._slot[lid]
+            if s:
+                if s >= self._nslots or s < _META_SLOTS or s in used:
+                    raise CorruptionError(f"{self.path} page table", f"page {lid} maps to slot {s}, which is out of range or used twice")
+                used.add(s)
+            else:
+                self._free_lids.add(lid)
+        self._free_slots = SortedList(s for s in range(_META_SLOTS, self._nslots) if s not in used)
+
+    def _load_pt_level(self, level: int, index: int, slot: int, crc: int) -> None:
+        where = f"{self.path} page-table page (level {level}, index {index}) at slot {slot}"
+        if slot < _META_SLOTS or slot >= self._nslots or slot in self._durable_slots:
+            raise CorruptionError(where, "slot out of range or used twice")
+        ptype, _lsn, body = decode_page(self._read_slot(slot), self._pt_lid(level, index), crc, where)
+        if ptype != PageType.PAGE_TABLE:
+            raise CorruptionError(where, f"expected a page-table page, found type {ptype}")
+        self._durable_slots.add(slot)
+        self._pt_pages[level][index] = (slot, crc)
+        n = len(body) // PT_ENTRY.size
+        span = self._fanout**level
+        for i in range(n):
+            s, c = PT_ENTRY.unpack_from(body, i * PT_ENTRY.size)
+            child = index * self._fanout + i
+            if level == 0:
+                if child < len(self._slot):
+                    self._slot[child], self._crc[child] = s, c
+            elif s and child * span < len(self._slot):
+                self._load_pt_level(level - 1, child, s, c)
+
+    @staticmethod
+    def _pt_lid(level: int, index: int) -> int:
+        """The id page-table pages carry in their header (never a page's id:
+        page ids are < 2**48)."""
+        return (1 << 60) | (level << 52) | index
+
+    # --- pages -------------------------------------------------------------
+
+    @property
+    def nlids(self) -> int:
+        return len(self._slot)
+
+    def allocate(self) -> int:
+        """A free logical id (the lowest one), now allocated."""
+        if self._free_lids:
+            lid = self._free_lids.pop(0)
+        else:
+            lid = len(self._slot)
+            self._slot.append(0)
+            self._crc.append(0)
+        self._allocated.add(lid)
+        return lid
+
+    def is_allocated(self, lid: int) -> bool:
+        return 0 < lid < len(self._slot) and (self._slot[lid] != 0 or lid in self._allocated)
+
+    def has_image(self, lid: int) -> bool:
+        """Whether page ``lid`` has a written image to read."""
+        return 0 < lid < len(self._slot) and self._slot[lid] != 0
+
+    def ensure_allocated(self, lid: int) -> None:
+        """Allocate the given id (redo of an allocation the log recorded)."""
+        while len(self._slot) <= lid:
+            self._free_lids.add(len(self._slot))
+            self._slot.append(0)
+            self._crc.append(0)
+        if not self.is_allocated(lid):
+            self._free_lids.discard(lid)
+            self._allocated.add(lid)
+
+    def free(self, lid: int) -> None:
+        """Release page ``lid``; its slot is reusable once that is safe (P4)."""
+        if not self.is_allocated(lid):
+            raise ValueError(f"page {lid} is not allocated")
+        self._release_slot(self._slot[lid])
+        self._slot[lid] = 0
+        self._crc[lid] = 0
+        self._allocated.discard(lid)
+        self._free_lids.add(lid)
+        self._pt_dirty.add(lid // self._fanout)
+
+    def _release_slot(self, slot: int) -> None:
+        if not slot:
+            return
+        if slot in self._durable_slots:
+            self._pending_free.add(slot)  # P4: only after the next flip
+        else:
+            self._free_slots.add(slot)  # written since the flip, referenced by nothing durable
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop(0)
+        slot = self._nslots
+        self._nslots += 1
+        return slot
+
+    def read_page(self, lid: int) -> tuple[int, int, bytes]:
+        """(type, page LSN, body) of page ``lid`` as last written.
+
+        Raises CorruptionError naming the page and slot if the bytes fail the
+        validity rule of ``pages.format``; KeyError if it was never written.
+        """
+        slot = self._slot[lid] if 0 < lid < len(self._slot) else 0
+        if not slot:
+            raise KeyError(f"page {lid} has no written image")
+        self.pages_read += 1
+        return decode_page(self._read_slot(slot), lid, self._crc[lid], f"{self.path} page {lid} (slot {slot})")
+
+    def _read_slot(self, slot: int) -> bytes:
+        return self._file.pread(slot * self.page_size, self.page_size)
+
+    def write_page(self, lid: int, ptype: int, page_lsn: int, body: bytes) -> None:
+        """Write page ``lid`` to a free slot (never a durable one: P2) and point
+        the current page table at it.  The caller has flushed the log to
+        ``page_lsn`` (P1)."""
+        if self._poison is not None:
+            raise self._poison
+        if not self.is_allocated(lid):
+            raise ValueError(f"page {lid} is not allocated")
+        data, crc = encode_page(self.page_size, ptype, page_lsn, lid, body)
+        slot = self._take_slot()
+        assert slot not in self._durable_slots, "P2"
+        try:
+            self._file.pwrite(slot * self.page_size, data)
+        except OSError:
+            self._free_slots.add(slot)
+            raise
+        self.pages_written += 1
+        old = self._slot[lid]
+        self._slot[lid] = slot
+        self._crc[lid] = crc
+        self._allocated.discard(lid)
+        self._release_slot(old)
+        self._pt_dirty.add(lid // self._fanout)
+
+    # --- the flip ------------------------------------------------------------
+
+    def flip(self, checkpoint_lsn: int, app: bytes) -> dict[str, int]:
+        """Make the current image durable (P3, P4); return what it wrote.
+
+        The caller has written every dirty page first (``write_page``).  Pages
+        allocated but never written are not part of the image.  On an I/O
+        error the durable image is the previous one; the error propagates and
+        the page file is poisoned if an fsync failed.
+        """
+        if self._poison is not None:
+            raise self._poison
+        fanout = self._fanout
+        nlids = len(self._slot)
+        depth = 1
+        while fanout**depth < nlids:
+            depth += 1
+        dirty = set(self._pt_dirty)
+        if depth != self.meta.pt_depth:
+            dirty = set(range((nlids + fanout - 1) // fanout))
+        new_pt: list[dict[int, tuple[int, int]]] = [dict(self._pt_pages[lvl]) if lvl < len(self._pt_pages) and depth == self.meta.pt_depth else {} for lvl in range(depth)]
+        written: list[int] = []
+        try:
+            level_dirty = dirty
+            for level in range(depth):
+                parents: set[int] = set()
+                for index in sorted(level_dirty):
+                    if level == 0:
+                        lo = index * fanout
+                        entries = [(self._slot[i], self._crc[i]) for i in range(lo, min(lo + fanout, nlids))]
+                    else:
+                        entries = [new_pt[level - 1].get(index * fanout + i, (0, 0)) for i in range(fanout)]
+                        while entries and entries[-1] == (0, 0):
+                            entries.pop()
+                    body = b"".join(PT_ENTRY.pack(s, c) for s, c in entries)
+                    data, crc = encode_page(self.page_size, PageType.PAGE_TABLE, 0, self._pt_lid(level, index), body)
+                    slot = self._take_slot()
+                    written.append(slot)
+                    self._file.pwrite(slot * self.page_size, data)
+                    new_pt[level][index] = (slot, crc)
+                    parents.add(index // fanout)
+                level_dirty = parents
+            root_slot, root_crc = new_pt[depth - 1][0]
+            failpoint("pages.before_flip_fsync")
+            self._fsync()  # P3: pages and page-table pages are durable before the meta
+            meta = Meta(
+                self.page_size,
+                self.meta.generation + 1,
+                self.db_id,
+                checkpoint_lsn,
+                root_slot,
+                root_crc,
+                depth,
+                self._nslots,
+                nlids,
+                app,
+            )
+            target = 1 - self._meta_slot
+            failpoint("pages.before_meta_write")
+            self._file.pwrite(target * self.page_size, meta.encode())
+            failpoint("pages.before_meta_fsync")
+            self._fsync()
+            failpoint("pages.after_meta_fsync")
+        except BaseException:
+            self._free_slots.update(written)  # the durable image is still the old one
+            raise
+        # The new image is durable: rebuild what it references (P4).
+        self.meta = meta
+        self._meta_slot = target
+        self._pt_pages = new_pt
+        self._pt_dirty.clear()
+        durable = {s for s in self._slot if s}
+        for level in new_pt:
+            durable.update(s for s, _ in level.values())
+        freed = self._durable_slots - durable
+        self._durable_slots = durable
+        self._free_slots.update(s for s in freed | self._pending_free if s not in durable)
+        self._pending_free.clear()
+        shrunk = self._shrink()
+        return {"pt_pages_written": len(written), "slots_freed": len(freed), "slots_truncated": shrunk}
+
+    def _shrink(self) -> int:
+        """Cut free slots off the end of the file."""
+        top = self._nslots
+        free = self._free_slots
+        while top > _META_SLOTS and free and free[-1] == top - 1:
+            free.pop()
+            top -= 1
+        cut = self._nslots - top
+        if cut:
+            self._nslots = top
+            try:
+                self._file.truncate(top * self.page_size)
+            except OSError as e:  # harmless: the tail is free either way
+                log.warning("page file: could not shrink %s: %s", self.path, e)
+        return cut
+
+    def _fsync(self) -> None:
+        try:
+            self._file.fsync()
+        except OSError as e:
+            self._poison = PoisonedError(f"fsync of {self.path} failed; the page file is read-only until reopened: {e}", e)
+            raise self._poison from e
+
+    # --- inspection ------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        used = sum(1 for s in self._slot if s)
+        return {
+            "page_size": self.page_size,
+            "slots": self._nslots,
+            "pages": used,
+            "free_slots": len(self._free_slots),
+            "pending_free_slots": len(self._pending_free),
+            "generation": self.meta.generation,
+            "pages_written": self.pages_written,
+            "pages_read": self.pages_read,
+        }
+
+    def _check(self) -> None:
+        """Raise AssertionError if the in-memory structures break an invariant:
+        no slot both used and free, none used twice, no leak."""
+        current = [s for s in self._slot if s]
+        assert len(current) == len(set(current)), "a slot is used by two pages"
+        cur = set(current)
+        free = set(self._free_slots)
+        assert not (cur & free), "a slot is both used and free"
+        assert not (self._durable_slots & free), "a durable slot is free (P2)"
+        assert not (self._pending_free & free), "a slot is both pending and free"
+        pt = {s for level in self._pt_pages for s, _ in level.values()}
+        known = cur | free | self._durable_slots | self._pending_free | pt
+        leaked = set(range(_META_SLOTS, self._nslots)) - known
+        assert not leaked, f"slots leaked: {sorted(leaked)[:10]}"
+        assert all(s < self._nslots for s in known), "a slot beyond the end of the file"
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def page_file_path(directory: str) -> str:
+    return os.path.join(directory, PAGE_FILE_NAME)
+
+
+__all__ = ["PageFile", "PAGE_FILE_NAME", "page_file_path", "PAGE_HEADER_SIZE"]

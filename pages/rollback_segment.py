@@ -1,0 +1,281 @@
+"""Rollback segment storage: undo records in undo pages, addressed by pointer.
+
+The rollback segment holds the earlier versions of keys (for snapshot reads)
+and what a transaction must restore (for rollback).  It is a chain of undo
+pages, oldest (head) to newest (tail); records are appended at the tail and
+whole pages are freed from the head once nothing needs them.  A fixed header
+page, whose id lives in the meta, names head and tail.  Every change is a
+logged page op, like the B+tree's.
+
+Undo page body::
+
+    u64 next page (0 = none) | records, back to back
+
+Undo record (at byte ``offset`` of the body of page ``lid``; its pointer is
+``lid << 16 | offset``, never 0)::
+
+    u32 length of what follows | u64 txid | u64 txn prev (the same
+    transaction's previous undo record) | u64 prev writer | u64 prev undo (the
+    key's older version) | u8 flags | u16 key_len | key | u32 vlen | value
+
+    flags bit 0: the key was absent before (no previous version)
+    flags bit 1: the previous version was a delete mark
+    flags bit 2: value is an overflow reference (pages.node.OverflowRef)
+
+Header page body: ``u64 head | u64 tail``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable, NamedTuple
+
+from pages import redo
+from pages.format import PageType
+from pages.node import OVF_REF_SIZE, Op, OverflowRef, body_capacity, op_image
+from wal.errors import CorruptionError
+
+ABSENT = 0x01
+WAS_DELETED = 0x02
+_OVERFLOW = 0x04
+
+_REC = struct.Struct("<IQQQQBH")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_OVF = struct.Struct("<QIIBI")
+_HEADER = struct.Struct("<QQ")
+
+
+class UndoRecord(NamedTuple):
+    """A decoded undo record.  ``value`` is bytes, an OverflowRef, or None
+    when the key was absent."""
+
+    ptr: int
+    txid: int
+    txn_prev: int
+    prev_writer: int
+    prev_undo: int
+    flags: int
+    key: bytes
+    value: Any
+
+
+def encode_undo(txid: int, txn_prev: int, prev_writer: int, prev_undo: int, flags: int, key: bytes, value: Any) -> bytes:
+    if value is None:
+        vb = b""
+        flags |= ABSENT
+    elif value.__class__ is OverflowRef:
+        vb = _OVF.pack(*value)
+        flags |= _OVERFLOW
+    else:
+        vb = value
+    body = _REC.pack(0, txid, txn_prev, prev_writer, prev_undo, flags, len(key))[4:] + key + _U32.pack(len(vb)) + vb
+    return _U32.pack(len(body)) + body
+
+
+class UndoPage:
+    __slots__ = ("next", "data", "page_lsn")
+    ptype = PageType.UNDO
+
+    def __init__(self, next_: int = 0, data: bytes = b"", page_lsn: int = 0) -> None:
+        self.next = next_
+        self.data = bytearray(data)
+        self.page_lsn = page_lsn
+
+    @property
+    def size(self) -> int:
+        return 8 + len(self.data)
+
+    def encode(self) -> bytes:
+        return _U64.pack(self.next) + bytes(self.data)
+
+    @classmethod
+    def decode(cls, body: bytes, page_lsn: int = 0) -> "UndoPage":
+        return cls(_U64.unpack_from(body)[0], body[8:], page_lsn)
+
+    def records(self, lid: int) -> list[UndoRecord]:
+        out, pos, data = [], 0, self.data
+        while pos < len(data):
+            rec = _decode_at(data, pos, lid)
+            out.append(rec)
+            pos += 4 + _U32.unpack_from(data, pos)[0]
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UndoPage) and (self.next, self.data) == (other.next, other.data)
+
+
+class UndoHeader:
+    __slots__ = ("head", "tail", "page_lsn")
+    ptype = PageType.UNDO_HEADER
+
+    def __init__(self, head: int = 0, tail: int = 0, page_lsn: int = 0) -> None:
+        self.head, self.tail, self.page_lsn = head, tail, page_lsn
+
+    size = 16
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(self.head, self.tail)
+
+    @classmethod
+    def decode(cls, body: bytes, page_lsn: int = 0) -> "UndoHeader":
+        return cls(*_HEADER.unpack_from(body), page_lsn=page_lsn)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UndoHeader) and (self.head, self.tail) == (other.head, other.tail)
+
+
+def _decode_at(data: bytes | bytearray, pos: int, lid: int) -> UndoRecord:
+    where = f"undo page {lid} offset {pos}"
+    if pos + _REC.size > len(data):
+        raise CorruptionError(where, "undo record header runs past the page")
+    length, txid, txn_prev, prev_writer, prev_undo, flags, klen = _REC.unpack_from(data, pos)
+    end = pos + 4 + length
+    if end > len(data):
+        raise CorruptionError(where, "undo record runs past the page")
+    p = pos + _REC.size
+    key = bytes(data[p : p + klen])
+    p += klen
+    (vlen,) = _U32.unpack_from(data, p)
+    p += 4
+    vb = bytes(data[p : p + vlen])
+    if p + vlen != end:
+        raise CorruptionError(where, "undo record length does not match its fields")
+    value: Any = None if flags & ABSENT else OverflowRef(*_OVF.unpack(vb)) if flags & _OVERFLOW else vb
+    return UndoRecord((lid << 16) | pos, txid, txn_prev, prev_writer, prev_undo, flags & ~_OVERFLOW, key, value)
+
+
+def apply_undo_op(node: Any, op: int, data: bytes) -> Any:
+    """Redo of a rollback-segment op on an undo page."""
+    if op == Op.UNDO_APPEND:
+        (offset,) = _U32.unpack_from(data)
+        rec = data[4:]
+        del node.data[offset:]
+        node.data += rec
+    elif op == Op.UNDO_SETNEXT:
+        node.next = _U64.unpack_from(data)[0]
+    else:
+        raise ValueError(f"not a rollback segment op: {op}")
+    return node
+
+
+class RollbackSegment:
+    """The undo pages of one database, rooted at the header page ``header``."""
+
+    def __init__(self, pool: Any, pagefile: Any, log_ops: Callable[[list], int], header: int) -> None:
+        self.pool = pool
+        self.pagefile = pagefile
+        self._log = log_ops
+        self.header = header
+        self.capacity = body_capacity(pagefile.page_size) - 8
+        self.max_record = self.capacity  # every record fits an empty page
+
+    @classmethod
+    def create(cls, pool: Any, pagefile: Any, log_ops: Callable[[list], int]) -> "RollbackSegment":
+        header = pagefile.allocate()
+        first = pagefile.allocate()
+        pool.begin_op()
+        try:
+            redo.apply_live(
+                pool,
+                pagefile,
+                log_ops,
+                [(first, Op.IMAGE, op_image(UndoPage())), (header, Op.IMAGE, op_image(UndoHeader(first, first)))],
+            )
+        finally:
+            pool.end_op()
+        return cls(pool, pagefile, log_ops, header)
+
+    def plan_append(self, record: bytes, ops: list) -> int:
+        """Add the ops that append ``record`` (from ``encode_undo``) to
+        ``ops``; return the record's pointer.  The caller logs and applies
+        ``ops`` (``pages.redo.apply_live``), usually with the B+tree change the
+        record belongs to, in one log record."""
+        if len(record) > self.max_record:
+            raise ValueError(f"undo record of {len(record)} bytes exceeds an undo page ({self.max_record})")
+        hdr = self.pool.get(self.header)
+        tail = self.pool.get(hdr.tail)
+        pending = sum(len(d) - 4 for lid, op, d in ops if lid == hdr.tail and op == Op.UNDO_APPEND)
+        offset = len(tail.data) + pending
+        if offset + len(record) <= self.capacity:
+            ops.append((hdr.tail, Op.UNDO_APPEND, _U32.pack(offset) + record))
+            return (hdr.tail << 16) | offset
+        new = self.pagefile.allocate()
+        ops.append((new, Op.IMAGE, op_image(UndoPage(0, record))))
+        ops.append((hdr.tail, Op.UNDO_SETNEXT, _U64.pack(new)))
+        ops.append((self.header, Op.IMAGE, op_image(UndoHeader(hdr.head, new))))
+        return new << 16
+
+    def append(self, record: bytes) -> int:
+        """Append ``record``, logged; return its pointer."""
+        self.pool.begin_op()
+        try:
+            ops: list = []
+            ptr = self.plan_append(record, ops)
+            redo.apply_live(self.pool, self.pagefile, self._log, ops)
+            return ptr
+        finally:
+            self.pool.end_op()
+
+    def read(self, ptr: int) -> UndoRecord:
+        """The undo record at ``ptr``.  Raises CorruptionError if it is damaged
+        or the page is not an undo page; ValueError for a null pointer."""
+        if not ptr:
+            raise ValueError("null undo pointer")
+        lid, offset = ptr >> 16, ptr & 0xFFFF
+        node = self.pool.get(lid)
+        if node.__class__ is not UndoPage:
+            raise CorruptionError(f"undo pointer {ptr:#x}", f"page {lid} is not an undo page")
+        return _decode_at(node.data, offset, lid)
+
+    def pages(self) -> list[int]:
+        """The undo page ids, oldest first."""
+        hdr = self.pool.get(self.header)
+        out, lid = [], hdr.head
+        while lid:
+            out.append(lid)
+            lid = self.pool.get(lid).next
+        return out
+
+    def free_pages_before(self, keep: Callable[[list[UndoRecord]], bool]) -> int:
+        """Free whole pages from the head while ``keep(records of the page)``
+        is false; the tail page always stays.  Returns pages freed (logged)."""
+        freed = 0
+        self.pool.begin_op()
+        try:
+            hdr = self.pool.get(self.header)
+            head = hdr.head
+            ops: list = []
+            while head != hdr.tail:
+                page = self.pool.get(head)
+                if keep(page.records(head)):
+                    break
+                ops.append((head, Op.FREE, b""))
+                head = page.next
+                freed += 1
+            if ops:
+                ops.append((self.header, Op.IMAGE, op_image(UndoHeader(head, hdr.tail))))
+                redo.apply_live(self.pool, self.pagefile, self._log, ops)
+        finally:
+            self.pool.end_op()
+        return freed
+
+    def _check(self) -> int:
+        """Raise on a broken chain or undecodable record; return records seen."""
+        n = 0
+        hdr = self.pool.get(self.header)
+        seen: set[int] = set()
+        lid = hdr.head
+        last = 0
+        while lid:
+            assert lid not in seen, f"undo page {lid} appears twice in the chain"
+            seen.add(lid)
+            page = self.pool.get(lid)
+            assert page.__class__ is UndoPage, f"page {lid} in the undo chain is not an undo page"
+            n += len(page.records(lid))
+            last, lid = lid, page.next
+        assert last == hdr.tail, f"undo chain ends at {last}, header says tail {hdr.tail}"
+        return n
+
+
+__all__ = ["RollbackSegment", "UndoRecord", "UndoPage", "UndoHeader", "encode_undo", "ABSENT", "WAS_DELETED", "OVF_REF_SIZE"]
