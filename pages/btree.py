@@ -186,55 +186,82 @@ class BTree:
 
     # --- writes ------------------------------------------------------------------
 
-    def put(self, key: bytes, value: bytes, txid: int = 0, undo: int = 0, flags: int = 0, free_old: bool = True) -> Cell | None:
+    def put(
+        self,
+        key: bytes,
+        value: bytes,
+        txid: int = 0,
+        undo: int = 0,
+        flags: int = 0,
+        free_old: bool = True,
+        extra_ops: list | None = None,
+        log: LogOps | None = None,
+    ) -> Cell | None:
         """Insert or replace ``key``; return the old cell (or None).
 
         ``free_old`` frees the old value's overflow chain (the MVCC layer keeps
-        it for an undo record instead).  Cost: O(depth), plus a split now and
-        then.
+        it for an undo record instead).  ``extra_ops`` (e.g. the undo record of
+        this change) go into the same log record, first; ``log`` replaces the
+        tree's log function for this call (to write a transaction's record).
+        Cost: O(depth), plus a split now and then.
         """
         if len(key) > MAX_KEY or not key:
             raise ValueError(f"key must be 1..{MAX_KEY} bytes, got {len(key)}")
         if len(value) > MAX_VALUE:
             raise ValueError(f"value must be at most {MAX_VALUE} bytes, got {len(value)}")
-        pool = self.pool
-        pool.begin_op()
+        self.pool.begin_op()
         try:
-            ops: list = []
+            ops: list = list(extra_ops) if extra_ops else []
             v: Any = value
             if CELL_OVERHEAD + len(key) + len(value) > self.max_cell:
                 v = self._plan_overflow(value, ops)
-            cell = (flags, txid, undo, v)
-            path = self._path(key)
-            leaf_lid, leaf = path[-1]
-            i = bisect_left(leaf.keys, key)
-            old = leaf.cells[i] if i < len(leaf.keys) and leaf.keys[i] == key else None
-            if old is not None and free_old:
-                self._plan_free_value(old, ops)
-            new_size = leaf.size + cell_size(key, cell) - (cell_size(key, old) if old is not None else 0)
-            ops.append((leaf_lid, Op.LEAF_PUT, op_leaf_put(key, cell)))
-            if self.min_fill <= new_size <= self.capacity or len(path) == 1 and new_size <= self.capacity:
-                if len(ops) == 1:  # the common case: apply directly
-                    lsn = self._log(ops)
-                    leaf.put(key, cell)
-                    pool.mark_dirty(leaf_lid, leaf, lsn)
-                else:
-                    redo.apply_live(pool, self.pagefile, self._log, ops)
-                return old
-            virtual = LeafNode(list(leaf.keys), list(leaf.cells))
-            virtual.put(key, cell)
-            if new_size > self.capacity:
-                self._plan_split(path, virtual, ops)
-            else:
-                self._plan_rebalance(path, virtual, ops)
-            redo.apply_live(pool, self.pagefile, self._log, ops)
-            return old
+            return self._put((flags, txid, undo, v), key, free_old, ops, log or self._log)
         finally:
-            pool.end_op()
+            self.pool.end_op()
 
-    def delete(self, key: bytes, free_old: bool = True) -> Cell | None:
-        """Remove ``key``; return its old cell, or None if it was absent."""
+    def put_cell(self, key: bytes, cell: Cell, free_old: bool = True, extra_ops: list | None = None, log: LogOps | None = None) -> Cell | None:
+        """Store a prepared cell (whose value may be an existing overflow
+        reference, as rollback restores it); otherwise like ``put``."""
+        self.pool.begin_op()
+        try:
+            return self._put(cell, key, free_old, list(extra_ops) if extra_ops else [], log or self._log)
+        finally:
+            self.pool.end_op()
+
+    def _put(self, cell: Cell, key: bytes, free_old: bool, ops: list, log_ops: LogOps) -> Cell | None:
+        """Caller has begun a pool operation; ``ops`` holds what goes first."""
         pool = self.pool
+        path = self._path(key)
+        leaf_lid, leaf = path[-1]
+        i = bisect_left(leaf.keys, key)
+        old = leaf.cells[i] if i < len(leaf.keys) and leaf.keys[i] == key else None
+        if old is not None and free_old:
+            self._plan_free_value(old, ops)
+        new_size = leaf.size + cell_size(key, cell) - (cell_size(key, old) if old is not None else 0)
+        first = len(ops)
+        ops.append((leaf_lid, Op.LEAF_PUT, op_leaf_put(key, cell)))
+        if self.min_fill <= new_size <= self.capacity or len(path) == 1 and new_size <= self.capacity:
+            # the common case: log, apply the ops before the leaf's, change the leaf directly
+            lsn = log_ops(ops)
+            if first:
+                redo.apply_logged(pool, self.pagefile, ops[:first], lsn)
+            leaf.put(key, cell)
+            pool.mark_dirty(leaf_lid, leaf, lsn)
+            return old
+        virtual = LeafNode(list(leaf.keys), list(leaf.cells))
+        virtual.put(key, cell)
+        if new_size > self.capacity:
+            self._plan_split(path, virtual, ops)
+        else:
+            self._plan_rebalance(path, virtual, ops)
+        redo.apply_live(pool, self.pagefile, log_ops, ops)
+        return old
+
+    def delete(self, key: bytes, free_old: bool = True, extra_ops: list | None = None, log: LogOps | None = None) -> Cell | None:
+        """Remove ``key``; return its old cell, or None if it was absent (and
+        then log nothing, not even ``extra_ops``)."""
+        pool = self.pool
+        log_ops = log or self._log
         pool.begin_op()
         try:
             path = self._path(key)
@@ -243,23 +270,23 @@ class BTree:
             if i == len(leaf.keys) or leaf.keys[i] != key:
                 return None
             old = leaf.cells[i]
-            ops: list = []
+            ops: list = list(extra_ops) if extra_ops else []
             if free_old:
                 self._plan_free_value(old, ops)
             ops.append((leaf_lid, Op.LEAF_DEL, op_leaf_del(key)))
             new_size = leaf.size - cell_size(key, old)
             if new_size >= self.min_fill or len(path) == 1:
                 if len(ops) == 1:
-                    lsn = self._log(ops)
+                    lsn = log_ops(ops)
                     leaf.remove(key)
                     pool.mark_dirty(leaf_lid, leaf, lsn)
                 else:
-                    redo.apply_live(pool, self.pagefile, self._log, ops)
+                    redo.apply_live(pool, self.pagefile, log_ops, ops)
                 return old
             virtual = LeafNode(list(leaf.keys), list(leaf.cells))
             virtual.remove(key)
             self._plan_rebalance(path, virtual, ops)
-            redo.apply_live(pool, self.pagefile, self._log, ops)
+            redo.apply_live(pool, self.pagefile, log_ops, ops)
             return old
         finally:
             pool.end_op()
@@ -323,6 +350,20 @@ class BTree:
                 return max(1, min(i + 1, len(node.keys) - 1))
         return len(node.keys) // 2
 
+    @staticmethod
+    def _split_internal(node: InternalNode) -> int:
+        """Index of the separator that moves up when splitting an over-full
+        internal node by bytes (keys vary from 1 to 1024 bytes, so the middle
+        index could leave one half over-full)."""
+        half = node.size // 2
+        acc = 10
+        n = len(node.keys)
+        for i, k in enumerate(node.keys):
+            acc += 10 + len(k)
+            if acc >= half:
+                return max(1, min(i, n - 2))
+        return n // 2
+
     def _plan_split(self, path: list[tuple[int, Any]], node: Any, ops: list) -> None:
         """Split ``node`` (the virtual state of the last page of ``path``) and
         every ancestor it over-fills."""
@@ -335,7 +376,7 @@ class BTree:
                 right: Any = LeafNode(node.keys[i:], node.cells[i:])
                 left: Any = LeafNode(node.keys[:i], node.cells[:i])
             else:
-                m = len(node.keys) // 2
+                m = self._split_internal(node)
                 sep = node.keys[m]
                 right = InternalNode(node.keys[m + 1 :], node.children[m + 1 :])
                 left = InternalNode(node.keys[:m], node.children[: m + 1])
@@ -390,7 +431,7 @@ class BTree:
                     nl: Any = LeafNode(merged.keys[:i], merged.cells[:i])
                     nr: Any = LeafNode(merged.keys[i:], merged.cells[i:])
                 else:
-                    m = len(merged.keys) // 2
+                    m = self._split_internal(merged)
                     new_sep = merged.keys[m]
                     nl = InternalNode(merged.keys[:m], merged.children[: m + 1])
                     nr = InternalNode(merged.keys[m + 1 :], merged.children[m + 1 :])

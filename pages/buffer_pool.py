@@ -55,6 +55,7 @@ class BufferPool:
         self._decode = decode
         self._frames: OrderedDict[int, Frame] = OrderedDict()
         self._op = 0  # the current operation's stamp; odd while one runs
+        self._all_pinned = -1  # the operation during which every frame was found pinned
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -87,7 +88,7 @@ class BufferPool:
         ptype, page_lsn, body = self.pagefile.read_page(lid)
         node = self._decode(ptype, body, page_lsn)
         self._frames[lid] = Frame(node, False, 0, self._op)
-        if len(self._frames) > self.capacity:
+        if len(self._frames) > self.capacity and self._all_pinned != self._op:
             self._evict()
         return node
 
@@ -142,6 +143,10 @@ class BufferPool:
                 continue  # pinned by the running operation
             victims.append((lid, frame))
             excess -= 1
+        if not victims and op & 1:
+            # Everything is pinned by this operation; frames it adds are pinned
+            # too, so do not rescan on every miss (that was O(n^2)) until it ends.
+            self._all_pinned = op
         for lid, frame in victims:
             if frame.dirty:
                 self._write(lid, frame)  # steal

@@ -255,6 +255,7 @@ class Op(enum.IntEnum):
     INT_SETKEY = 8  # index, key
     UNDO_APPEND = 9  # rollback segment: offset, bytes (pages.rollback_segment)
     UNDO_SETNEXT = 10  # rollback segment: next page id
+    UNDO_MARK = 11  # rollback segment: mark the record at an offset as undone
 
 
 _OPHDR = struct.Struct("<QBI")  # lid, op, length

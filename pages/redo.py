@@ -21,7 +21,7 @@ from typing import Any, Callable
 from pages.format import PageType
 from pages.node import Op, apply_tree_op, decode_node, pack_ops, unpack_ops
 
-_UNDO_OPS = (Op.UNDO_APPEND, Op.UNDO_SETNEXT)
+_UNDO_OPS = (Op.UNDO_APPEND, Op.UNDO_SETNEXT, Op.UNDO_MARK)
 
 
 def decode_any(ptype: int, body: bytes, page_lsn: int = 0) -> Any:
@@ -81,9 +81,14 @@ def _needs_redo(pool: Any, pagefile: Any, lid: int, first_op: int, lsn: int) -> 
 def apply_live(pool: Any, pagefile: Any, log_ops: Callable[[list], int], ops: list) -> int:
     """Log ``ops`` as one record, then apply them; return the record's LSN."""
     lsn = log_ops(ops)
+    apply_logged(pool, pagefile, ops, lsn)
+    return lsn
+
+
+def apply_logged(pool: Any, pagefile: Any, ops: list, lsn: int) -> None:
+    """Apply ``ops`` that the caller logged at ``lsn``."""
     for lid, op, data in ops:
         _apply(pool, pagefile, lid, op, data, lsn)
-    return lsn
 
 
 def redo_record(pool: Any, pagefile: Any, lsn: int, payload: bytes) -> int:

@@ -21,6 +21,8 @@ Undo record (at byte ``offset`` of the body of page ``lid``; its pointer is
     flags bit 0: the key was absent before (no previous version)
     flags bit 1: the previous version was a delete mark
     flags bit 2: value is an overflow reference (pages.node.OverflowRef)
+    flags bit 3: undone -- a rollback restored this previous version, so
+                 purge must not free its value
 
 Header page body: ``u64 head | u64 tail``.
 """
@@ -38,6 +40,8 @@ from wal.errors import CorruptionError
 ABSENT = 0x01
 WAS_DELETED = 0x02
 _OVERFLOW = 0x04
+UNDONE = 0x08  # set by rollback (UNDO_MARK): the change was undone, its value restored
+_FLAGS_AT = 36  # offset of the flags byte within a record
 
 _REC = struct.Struct("<IQQQQBH")
 _U32 = struct.Struct("<I")
@@ -154,6 +158,8 @@ def apply_undo_op(node: Any, op: int, data: bytes) -> Any:
         node.data += rec
     elif op == Op.UNDO_SETNEXT:
         node.next = _U64.unpack_from(data)[0]
+    elif op == Op.UNDO_MARK:
+        node.data[_U32.unpack_from(data)[0] + _FLAGS_AT] |= UNDONE
     else:
         raise ValueError(f"not a rollback segment op: {op}")
     return node
@@ -205,6 +211,11 @@ class RollbackSegment:
         ops.append((hdr.tail, Op.UNDO_SETNEXT, _U64.pack(new)))
         ops.append((self.header, Op.IMAGE, op_image(UndoHeader(hdr.head, new))))
         return new << 16
+
+    @staticmethod
+    def plan_mark_undone(ptr: int, ops: list) -> None:
+        """Add the op that marks the record at ``ptr`` undone."""
+        ops.append((ptr >> 16, Op.UNDO_MARK, _U32.pack(ptr & 0xFFFF)))
 
     def append(self, record: bytes) -> int:
         """Append ``record``, logged; return its pointer."""
@@ -278,4 +289,4 @@ class RollbackSegment:
         return n
 
 
-__all__ = ["RollbackSegment", "UndoRecord", "UndoPage", "UndoHeader", "encode_undo", "ABSENT", "WAS_DELETED", "OVF_REF_SIZE"]
+__all__ = ["RollbackSegment", "UndoRecord", "UndoPage", "UndoHeader", "encode_undo", "ABSENT", "WAS_DELETED", "UNDONE", "OVF_REF_SIZE"]

@@ -33,6 +33,9 @@ from pages.rollback_segment import RollbackSegment
 from wal.format import RecordType
 from wal.log import WriteAheadLog
 
+#: Record types that carry page ops, and where the ops start in the payload.
+OPS_OFFSET = {RecordType.PAGE_REDO: 0, RecordType.TXN_WRITE: 8, RecordType.CLR: 8}
+
 # The meta's application area: B+tree root, rollback segment header, then
 # whatever the layer above keeps there (next transaction id, ...).
 _ROOTS = struct.Struct("<QQ")
@@ -115,8 +118,9 @@ class PageStore:
         scanned = applied = 0
         for rec in self.wal.records(start):
             scanned += 1
-            if rec.type == RecordType.PAGE_REDO:
-                applied += redo_record(self.pool, self.pagefile, rec.lsn, rec.payload)
+            offset = OPS_OFFSET.get(rec.type)
+            if offset is not None:
+                applied += redo_record(self.pool, self.pagefile, rec.lsn, rec.payload[offset:] if offset else rec.payload)
         return {"records_scanned": scanned, "ops_applied": applied}
 
     def pages(self) -> dict[int, Any]:

@@ -130,13 +130,14 @@ class RecordType(enum.IntEnum):
     COMMIT = 2
     ABORT = 3  # rollback finished: every change undone by CLRs
     PREPARE = 4
-    CLR = 5  # compensation: redo of an undo step; payload names undo-next
+    CLR = 5  # compensation: redo of an undo step: u64 undo-next, then page ops
     # pages (physiological redo of page changes)
     PAGE_REDO = 16
     PAGE_ALLOC = 17  # redo-only structure changes
     PAGE_FREE = 18
     TREE_SMO = 19  # split / merge / root change, a nested top action
     UNDO_APPEND = 20  # a record added to the rollback segment
+    TXN_WRITE = 21  # a transaction's write: u64 undo pointer, then page ops
     # recovery
     CHECKPOINT_BEGIN = 32
     CHECKPOINT_END = 33

@@ -1,0 +1,872 @@
+"""The store: opening a database directory, transactions, MVCC, commit.
+
+State machine of a Database (the method behind each move)::
+
+    opening --open()--> recovering --restart()--> ready --close()--> closed
+                                                   |
+                                                   +--fsync/log failure--> poisoned
+                                                   |   (reads work, writes raise
+                                                   |    until reopened)
+                                                   +--os.fork() (in the child)--> closed
+
+Concurrency: one engine latch (``self._latch``) guards the page layer, the
+transaction table and the SSI state for the short time an operation touches
+them.  Nobody holds it across an fsync or a wait: ``commit`` appends its
+commit record under the latch, releases it, waits for group commit, and takes
+it again to publish the commit.  Conflicts are detected, never waited on.
+
+Directory layout: ``pages.db`` (the page file), ``wal-*.log`` (the log),
+``LOCK`` (held with an OS lock while open).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Iterator
+
+from kvstore.mvcc import Snapshot, visible_version
+from kvstore.ssi import SsiManager
+from kvstore.transaction import (
+    ABORTED,
+    ACTIVE,
+    COMMITTED,
+    COMMITTING,
+    PREPARED,
+    Transaction,
+    check_key,
+    check_value,
+)
+from pages.fs import FileSystem, OsFileSystem
+from pages.node import FLAG_DELETED, OverflowRef, pack_ops
+from pages.pagefile import PAGE_FILE_NAME, PageFile
+from pages.rollback_segment import UNDONE, encode_undo
+from pages.store import PageStore
+from recovery.undo import clr_payload, rollback_chain
+from wal.errors import ClosedError, ConflictError, DatabaseLockedError, PoisonedError, TransactionError
+from wal.format import NO_LSN, RecordType, parse_segment_name
+from wal.log import WriteAheadLog
+
+log = logging.getLogger("kvstore")
+
+LOCK_FILE_NAME = "LOCK"
+SYNC_MODES = ("full", "normal", "off")
+ISOLATION_LEVELS = ("snapshot", "serializable")
+_U64 = struct.Struct("<Q")
+_EXTRA = struct.Struct("<QQ")  # meta application area: next txid, commits so far
+
+#: Open databases of this process, marked unusable in a forked child.
+_open_databases: "weakref.WeakSet[Database]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_open_databases):
+        db._forked = True
+        db._closed = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _is_database_file(name: str) -> bool:
+    return name in (PAGE_FILE_NAME, LOCK_FILE_NAME) or parse_segment_name(name) is not None
+
+
+def open(  # noqa: A001 - the contract's name
+    path: str | os.PathLike[str],
+    *,
+    create: bool = True,
+    sync: str = "full",
+    page_size: int = 4096,
+    cache_size: int = 64 * 2**20,
+    isolation: str = "snapshot",
+    checkpoint_interval: float = 60.0,
+    checkpoint_wal_bytes: int = 64 * 2**20,
+    _fs: FileSystem | None = None,
+) -> "Database":
+    """Open (or create) the database in directory ``path``.
+
+    Raises FileNotFoundError if ``path`` is missing and ``create`` is false;
+    ValueError if it is a non-empty directory that is not a database (nothing
+    is written) or an argument is out of range; TypeError for a wrong type;
+    DatabaseLockedError if the database is open elsewhere; CorruptionError if
+    it is damaged.
+    """
+    return Database(
+        os.fspath(path),
+        create=create,
+        sync=sync,
+        page_size=page_size,
+        cache_size=cache_size,
+        isolation=isolation,
+        checkpoint_interval=checkpoint_interval,
+        checkpoint_wal_bytes=checkpoint_wal_bytes,
+        fs=_fs,
+    )
+
+
+def _check_args(sync: object, page_size: object, cache_size: object, isolation: object, interval: object, wal_bytes: object) -> None:
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of 'full', 'normal', 'off', not {sync!r}")
+    if isolation not in ISOLATION_LEVELS:
+        raise ValueError(f"isolation must be 'snapshot' or 'serializable', not {isolation!r}")
+    from pages.format import check_page_size
+
+    if not isinstance(page_size, int) or isinstance(page_size, bool):
+        raise TypeError(f"page_size must be an int, not {type(page_size).__name__}")
+    check_page_size(page_size)
+    if not isinstance(cache_size, int) or isinstance(cache_size, bool):
+        raise TypeError(f"cache_size must be an int, not {type(cache_size).__name__}")
+    if cache_size < 0:
+        raise ValueError(f"cache_size must be >= 0 bytes, not {cache_size}")
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool):
+        raise TypeError(f"checkpoint_interval must be a number of seconds, not {type(interval).__name__}")
+    if not interval > 0:
+        raise ValueError(f"checkpoint_interval must be > 0 seconds, not {interval}")
+    if not isinstance(wal_bytes, int) or isinstance(wal_bytes, bool):
+        raise TypeError(f"checkpoint_wal_bytes must be an int, not {type(wal_bytes).__name__}")
+    if wal_bytes < 4096:
+        raise ValueError(f"checkpoint_wal_bytes must be >= 4096, not {wal_bytes}")
+
+
+class Database:
+    """An open database.  Use ``kvstore.open``."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        create: bool,
+        sync: str,
+        page_size: int,
+        cache_size: int,
+        isolation: str,
+        checkpoint_interval: float,
+        checkpoint_wal_bytes: int,
+        fs: FileSystem | None,
+    ) -> None:
+        _check_args(sync, page_size, cache_size, isolation, checkpoint_interval, checkpoint_wal_bytes)
+        self._closed = True  # until open succeeds
+        self._forked = False
+        self.path = path
+        self.sync = sync
+        self.isolation = isolation
+        self.checkpoint_interval = float(checkpoint_interval)
+        self.checkpoint_wal_bytes = checkpoint_wal_bytes
+        self._fs = fs if fs is not None else OsFileSystem()
+        self._latch = threading.Lock()
+        self._file_lock: Any = None
+        self._wal: WriteAheadLog | None = None
+        self._store: PageStore | None = None
+        # transaction state, guarded by self._latch
+        self._next_txid = 1
+        self._commit_seq = 0
+        self._writers: dict[int, Transaction] = {}  # unfinished transactions with writes (and prepared)
+        self._live: dict[Transaction, Snapshot] = {}  # every unfinished transaction
+        self._prepared: dict[bytes, Transaction] = {}
+        self._ssi = SsiManager()
+        self._stats = {"commits": 0, "aborts": 0, "conflicts": 0, "checkpoints": 0, "purged_undo_pages": 0, "purged_keys": 0}
+        self._last_checkpoint_seconds = 0.0
+        self._recovery: dict[str, Any] = {"recovery_seconds": 0.0}
+        self._commits_since_purge = 0
+        self._poison: BaseException | None = None
+        self._open(create, page_size, cache_size)
+        self._closed = False
+        _open_databases.add(self)
+
+    # --- opening -----------------------------------------------------------------
+
+    def _open(self, create: bool, page_size: int, cache_size: int) -> None:
+        fs, path = self._fs, self.path
+        if not fs.exists(path):
+            if not create:
+                raise FileNotFoundError(f"no database at {path!r} (and create=False)")
+            self._makedirs(path)
+        elif not fs.is_dir(path):
+            raise ValueError(f"{path!r} is not a directory, so it cannot hold a database")
+        names = fs.listdir(path)
+        foreign = [n for n in names if not _is_database_file(n)]
+        if foreign or (names and PAGE_FILE_NAME not in names and any(parse_segment_name(n) is None for n in names if n != LOCK_FILE_NAME)):
+            raise ValueError(f"{path!r} is not empty and is not a kvstore database (it holds {foreign[:3] or names[:3]})")
+        try:
+            self._file_lock = fs.lock(os.path.join(path, LOCK_FILE_NAME))
+        except BlockingIOError:
+            raise DatabaseLockedError(f"the database at {path!r} is already open (in this or another process)") from None
+        try:
+            started = time.monotonic()
+            page_path = os.path.join(path, PAGE_FILE_NAME)
+            if fs.exists(page_path):
+                pagefile = PageFile.open(fs, page_path)
+                self._wal = WriteAheadLog.open(fs, path, pagefile.db_id, durable_lsn=pagefile.meta.checkpoint_lsn, sync=self.sync)
+                self._store = PageStore(pagefile, self._wal, cache_size, None)
+                if PageStore.roots_of(pagefile.meta.app) == (0, 0):
+                    self._initialise()  # a creation that a crash interrupted
+                else:
+                    self._store = PageStore(pagefile, self._wal, cache_size, PageStore.roots_of(pagefile.meta.app))
+                    self._next_txid, self._commit_seq = _EXTRA.unpack_from(self._store.app_extra)
+                    self._next_txid = max(self._next_txid, 1)
+                    self._restart()
+            else:
+                # Creation: the page file first (its existence marks a database),
+                # then the log, then the empty tree and rollback segment.
+                for name in names:
+                    if parse_segment_name(name) is not None:
+                        fs.remove(os.path.join(path, name))  # leftovers of an interrupted creation
+                db_id = uuid.uuid4().bytes
+                pagefile = PageFile.create(fs, page_path, page_size, db_id)
+                self._wal = WriteAheadLog.open(fs, path, db_id, durable_lsn=0, sync=self.sync)
+                self._store = PageStore(pagefile, self._wal, cache_size, None)
+                self._initialise()
+            self._recovery["recovery_seconds"] = time.monotonic() - started
+        except BaseException:
+            self._release_files()
+            raise
+
+    def _makedirs(self, path: str) -> None:
+        parent = os.path.dirname(os.path.abspath(path))
+        if parent and not self._fs.exists(parent):
+            self._makedirs(parent)
+        self._fs.mkdir(path)
+
+    def _initialise(self) -> None:
+        from pages.btree import BTree
+        from pages.rollback_segment import RollbackSegment
+
+        store = self._store
+        assert store is not None
+        store.tree = BTree.create(store.pool, store.pagefile, store.log_ops)
+        store.undo = RollbackSegment.create(store.pool, store.pagefile, store.log_ops)
+        self._checkpoint_locked()
+
+    def _restart(self) -> None:
+        """Recover after an unclean shutdown (nothing to do after a clean one)."""
+        from recovery.restart import restart
+
+        store, wal = self._store, self._wal
+        assert store is not None and wal is not None
+        report = restart(store, wal, self._append_clr_for)
+        self._recovery.update(report.as_dict())
+        self._next_txid = max(self._next_txid, report.max_txid + 1)
+        for txid, (last_undo, last_lsn, gid) in report.prepared.items():
+            tx = Transaction(self, Snapshot(txid, txid, frozenset()), False, "snapshot", None)
+            tx.txid, tx.last_undo, tx.last_lsn, tx.state, tx.gid = txid, last_undo, last_lsn, PREPARED, gid
+            self._writers[txid] = tx
+            self._live[tx] = tx.snapshot
+            self._prepared[gid] = tx
+        if report.records_scanned or report.prepared:
+            log.info(
+                "kvstore: recovered %s: %d log records scanned, %d redone, %d transactions undone, %d in doubt, %.3f s",
+                self.path, report.records_scanned, report.ops_redone, report.undone, len(report.prepared), report.seconds,
+            )
+        if report.records_scanned:
+            self._checkpoint_locked()
+
+    def _append_clr_for(self, txid: int, undo_next: int, ops: list, prev_lsn: int = NO_LSN) -> int:
+        assert self._wal is not None
+        return self._wal.append(RecordType.CLR, txid, clr_payload(undo_next, ops), prev_lsn)
+
+    # --- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Checkpoint and release the lock.  Idempotent.  Unfinished
+        transactions are rolled back (prepared ones stay in doubt)."""
+        if self._closed:
+            if self._forked:
+                return  # never touch the parent's files from a forked child
+            return
+        with self._latch:
+            for tx in list(self._live):
+                if tx.state == ACTIVE:
+                    self._rollback_locked(tx)
+            try:
+                if self._poison is None:
+                    self._checkpoint_locked()
+            finally:
+                self._closed = True
+                self._release_files()
+        _open_databases.discard(self)
+
+    def _release_files(self) -> None:
+        for closer in (
+            (lambda: self._wal.close()) if self._wal is not None else None,
+            (lambda: self._store.close()) if self._store is not None else None,
+            (lambda: self._file_lock.release()) if self._file_lock is not None else None,
+        ):
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as e:  # closing must release everything it can
+                    log.warning("kvstore: error while closing %s: %s", self.path, e)
+        self._wal = None
+        self._file_lock = None
+
+    def __enter__(self) -> "Database":
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _raise_closed(self) -> None:
+        if self._forked:
+            raise ClosedError("this Database was inherited across fork(); open the path again in the child")
+        raise ClosedError("the database is closed")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            self._raise_closed()
+
+    def _check_writable(self) -> None:
+        if self._poison is not None:
+            raise PoisonedError(f"the database is read-only until reopened: {self._poison}", self._poison)
+
+    def _poisoned(self, err: BaseException) -> None:
+        if self._poison is None:
+            self._poison = err
+            log.error("kvstore: %s is read-only until reopened: %s", self.path, err)
+
+    # --- transactions --------------------------------------------------------------
+
+    def begin(self, readonly: bool = False, isolation: str | None = None) -> Transaction:
+        """Start a transaction with a snapshot taken now.
+
+        ``isolation`` overrides the database's level for this transaction.
+        """
+        self._check_open()
+        level = self.isolation if isolation is None else isolation
+        if level not in ISOLATION_LEVELS:
+            raise ValueError(f"isolation must be 'snapshot' or 'serializable', not {level!r}")
+        with self._latch:
+            snap = Snapshot(0, self._next_txid, frozenset(self._writers), self._commit_seq)
+            ssi = self._ssi.begin(0, self._commit_seq, bool(readonly)) if level == "serializable" else None
+            tx = Transaction(self, snap, bool(readonly), level, ssi)
+            self._live[tx] = snap
+        return tx
+
+    def transaction(self, readonly: bool = False, isolation: str | None = None) -> Transaction:
+        """A transaction for a ``with`` block: commits on normal exit, rolls
+        back on an exception."""
+        return self.begin(readonly=readonly, isolation=isolation)
+
+    def run(self, fn: Callable[[Transaction], Any], retries: int = 10) -> Any:
+        """Call ``fn(tx)`` in a fresh transaction and commit; on ConflictError
+        retry, up to ``retries`` more times.  Returns ``fn``'s result."""
+        if not callable(fn):
+            raise TypeError(f"run expects a callable, not {type(fn).__name__}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, not {retries!r}")
+        attempt = 0
+        while True:
+            tx = self.begin()
+            try:
+                result = fn(tx)
+                if tx.state == ACTIVE:
+                    tx.commit()
+                return result
+            except ConflictError:
+                if tx.state == ACTIVE:
+                    tx.rollback()
+                attempt += 1
+                if attempt > retries:
+                    raise
+            except BaseException:
+                if tx.state == ACTIVE and not self._closed:
+                    tx.rollback()
+                raise
+
+    # autocommit helpers
+    def get(self, key: bytes, default: Any = None) -> Any:
+        """``key``'s committed value, or ``default``."""
+        tx = self.begin(readonly=True)
+        try:
+            return tx.get(key, default)
+        finally:
+            self._end_readonly(tx)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Set ``key`` in a transaction of its own."""
+        self.run(lambda tx: tx.put(key, value), retries=10)
+
+    def delete(self, key: bytes) -> bool:
+        """Delete ``key`` in a transaction of its own; return whether it existed."""
+        return bool(self.run(lambda tx: tx.delete(key), retries=10))
+
+    def scan(self, start: bytes | None = None, stop: bytes | None = None, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs in [start, stop) from one read-only snapshot."""
+        tx = self.begin(readonly=True)
+        try:
+            yield from tx.scan(start, stop, reverse)
+        finally:
+            self._end_readonly(tx)
+
+    def _end_readonly(self, tx: Transaction) -> None:
+        if tx.state == ACTIVE:
+            tx.commit()
+
+    # --- reads (called by Transaction) -----------------------------------------------
+
+    def _read_undo(self, ptr: int) -> Any:
+        assert self._store is not None
+        return self._store.undo.read(ptr)
+
+    def _get(self, tx: Transaction, key: bytes, default: Any) -> Any:
+        ssi = tx.ssi
+        with self._latch:
+            self._check_open()
+            store = self._store
+            assert store is not None
+            cell = store.tree.get(key)
+            if cell is None:
+                exists, value = False, None
+                if ssi is not None:
+                    self._ssi_call(tx, self._ssi.on_read, ssi, key, ())
+            else:
+                skipped: list[int] | None = [] if ssi is not None else None
+                exists, value = visible_version(tx.snapshot, cell, store.undo.read, skipped)
+                if ssi is not None:
+                    self._ssi_call(tx, self._ssi.on_read, ssi, key, skipped)
+                if exists and value.__class__ is OverflowRef:
+                    value = store.tree.read_value((0, 0, 0, value))
+        return value if exists else default
+
+    def _scan(self, tx: Transaction, start: bytes | None, stop: bytes | None, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+        ssi = tx.ssi
+        if ssi is not None:
+            with self._latch:
+                self._ssi_call(tx, self._ssi.on_scan, ssi, start, stop)
+        store = self._store
+        assert store is not None
+        batches = store.tree.scan_batches(start, stop, reverse)
+        snap = tx.snapshot
+        while True:
+            with self._latch:
+                if tx.state != ACTIVE:
+                    raise TransactionError(f"transaction is already {tx.state}")
+                self._check_open()
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                out = []
+                read_undo = store.undo.read
+                for key, cell in batch:
+                    if cell[1] == 0 or (cell[1] < snap.horizon and not cell[0] & FLAG_DELETED):
+                        exists, value = True, cell[3]
+                        skipped = None
+                    else:
+                        skipped = [] if ssi is not None else None
+                        exists, value = visible_version(snap, cell, read_undo, skipped)
+                    if skipped:
+                        self._ssi_call(tx, self._ssi.on_read, ssi, key, skipped)
+                    if exists:
+                        if value.__class__ is OverflowRef:
+                            value = store.tree.read_value((0, 0, 0, value))
+                        out.append((key, value))
+            yield from out
+
+    def _ssi_call(self, tx: Transaction, fn: Callable[..., None], *args: Any) -> None:
+        """Run an SSI check; on ConflictError roll ``tx`` back and re-raise.
+        Caller holds the latch."""
+        try:
+            fn(*args)
+        except ConflictError:
+            self._stats["conflicts"] += 1
+            self._rollback_locked(tx)
+            raise
+
+    # --- writes ----------------------------------------------------------------------
+
+    def _write_precheck(self, tx: Transaction, key: bytes) -> Any:
+        """Conflict checks before a write (first updater wins); return the
+        key's current cell.  Caller holds the latch."""
+        self._check_open()
+        self._check_writable()
+        store = self._store
+        assert store is not None
+        cell = store.tree.get(key)
+        if cell is not None:
+            writer = cell[1]
+            if writer != tx.txid or not writer:
+                if writer in self._writers and writer != tx.txid:
+                    self._conflict(tx, key, "write-write", "it was written by a transaction that has not finished")
+                if not tx.snapshot.sees(writer):
+                    self._conflict(tx, key, "write-write", "it was changed by a transaction that committed after this one began")
+        if tx.ssi is not None:
+            self._ssi_call(tx, self._ssi.on_write, tx.ssi, key)
+        if not tx.txid:
+            tx.txid = txid = self._next_txid
+            self._next_txid += 1
+            tx.snapshot.own = txid
+            self._writers[txid] = tx
+            if tx.ssi is not None:
+                tx.ssi.txid = txid
+                self._ssi.by_txid[txid] = tx.ssi
+        return cell
+
+    def _conflict(self, tx: Transaction, key: bytes, kind: str, why: str) -> None:
+        self._stats["conflicts"] += 1
+        self._rollback_locked(tx)
+        raise ConflictError(f"{kind} conflict on key {key!r}: {why}; the transaction was rolled back, retry it", key, kind)
+
+    def _log_write(self, tx: Transaction, undo_ptr: int) -> Callable[[list], int]:
+        wal = self._wal
+        assert wal is not None
+
+        def log_ops(ops: list) -> int:
+            lsn = wal.append(RecordType.TXN_WRITE, tx.txid, _U64.pack(undo_ptr) + pack_ops(ops), tx.last_lsn)
+            tx.last_lsn = lsn
+            return lsn
+
+        return log_ops
+
+    def _put(self, tx: Transaction, key: bytes, value: bytes) -> None:
+        with self._latch:
+            cell = self._write_precheck(tx, key)
+            self._write_version(tx, key, value, cell, 0)
+
+    def _delete(self, tx: Transaction, key: bytes) -> bool:
+        with self._latch:
+            self._check_open()
+            store = self._store
+            assert store is not None
+            cell = store.tree.get(key)
+            if cell is None:
+                existed = False
+            else:
+                existed, _ = visible_version(tx.snapshot, cell, store.undo.read)
+            if not existed:
+                if tx.ssi is not None:  # reading "absent" is a read too
+                    self._ssi_call(tx, self._ssi.on_read, tx.ssi, key, () if cell is None else [cell[1]])
+                return False
+            cell = self._write_precheck(tx, key)
+            self._write_version(tx, key, b"", cell, FLAG_DELETED)
+            return True
+
+    def _write_version(self, tx: Transaction, key: bytes, value: bytes, cell: Any, flags: int) -> None:
+        """Write a new version of ``key`` with its undo record, in one log
+        record.  Caller holds the latch and has run ``_write_precheck``."""
+        store = self._store
+        assert store is not None
+        if cell is None:
+            rec = encode_undo(tx.txid, tx.last_undo, 0, 0, 0, key, None)
+        else:
+            was_deleted = 0x02 if cell[0] & FLAG_DELETED else 0
+            rec = encode_undo(tx.txid, tx.last_undo, cell[1], cell[2], was_deleted, key, cell[3])
+        ops: list = []
+        try:
+            ptr = store.undo.plan_append(rec, ops)
+            store.tree.put(key, value, tx.txid, ptr, flags, free_old=False, extra_ops=ops, log=self._log_write(tx, ptr))
+        except PoisonedError as e:
+            self._poisoned(e)
+            raise
+        tx.last_undo = ptr
+        tx.writes += 1
+
+    # --- rollback ---------------------------------------------------------------------
+
+    def _rollback_to(self, tx: Transaction, undo_ptr: int) -> None:
+        with self._latch:
+            self._check_open()
+            self._undo_locked(tx, undo_ptr)
+
+    def _undo_locked(self, tx: Transaction, stop_at: int) -> None:
+        if tx.last_undo == stop_at:
+            return
+        self._check_writable()
+        store = self._store
+        assert store is not None
+
+        def append_clr(txid: int, undo_next: int, ops: list) -> int:
+            lsn = self._append_clr_for(txid, undo_next, ops, tx.last_lsn)
+            tx.last_lsn = lsn
+            tx.last_undo = undo_next
+            return lsn
+
+        try:
+            rollback_chain(store, tx.txid, tx.last_undo, stop_at, append_clr)
+        except PoisonedError as e:
+            self._poisoned(e)
+            raise
+        tx.last_undo = stop_at
+
+    def _rollback(self, tx: Transaction) -> None:
+        with self._latch:
+            if self._closed:
+                self._raise_closed()
+            self._rollback_locked(tx)
+
+    def _rollback_locked(self, tx: Transaction) -> None:
+        """Undo everything and end ``tx``.  Caller holds the latch."""
+        if tx.state not in (ACTIVE, PREPARED):
+            return
+        if tx.txid:
+            try:
+                self._undo_locked(tx, 0)
+                assert self._wal is not None
+                self._wal.append(RecordType.ABORT, tx.txid, b"", tx.last_lsn)
+            except PoisonedError:
+                pass  # the log is gone; reopening undoes this transaction
+            self._writers.pop(tx.txid, None)
+        tx.state = ABORTED
+        self._live.pop(tx, None)
+        if tx.gid is not None:
+            self._prepared.pop(tx.gid, None)
+        if tx.ssi is not None:
+            self._ssi.aborted(tx.ssi)
+        self._stats["aborts"] += 1
+
+    # --- commit -----------------------------------------------------------------------
+
+    def _commit(self, tx: Transaction) -> None:
+        ssi = tx.ssi
+        with self._latch:
+            self._check_open()
+            if ssi is not None:
+                self._ssi_call(tx, self._ssi.check_commit, ssi)
+            if not tx.txid:  # nothing written: nothing to log
+                self._finish_commit(tx)
+                return
+            self._check_writable()
+            assert self._wal is not None
+            try:
+                lsn = self._wal.append(RecordType.COMMIT, tx.txid, b"", tx.last_lsn)
+            except PoisonedError as e:
+                self._poisoned(e)
+                raise
+            tx.last_lsn = lsn
+            tx.state = COMMITTING
+            if ssi is not None:  # SSI orders commits at the decision
+                self._commit_seq += 1
+                self._ssi.committed(ssi, self._commit_seq)
+        try:
+            self._wal.commit_wait(lsn)  # group commit; no latch held
+        except PoisonedError as e:
+            with self._latch:
+                self._poisoned(e)
+            raise
+        with self._latch:
+            self._writers.pop(tx.txid, None)
+            if ssi is None:
+                self._commit_seq += 1
+            self._finish_commit(tx)
+            self._stats["commits"] += 1
+            self._commits_since_purge += 1
+            if self._commits_since_purge >= 64:
+                self._commits_since_purge = 0
+                self._purge_locked()
+
+    def _finish_commit(self, tx: Transaction) -> None:
+        tx.state = COMMITTED
+        self._live.pop(tx, None)
+        if tx.ssi is not None:
+            if tx.ssi.commit_seq is None:
+                self._ssi.committed(tx.ssi, self._commit_seq)
+            self._ssi.cleanup(min((s.commit_seq for s in self._live.values()), default=None))
+
+    # --- two-phase commit (participant side) -------------------------------------------
+
+    def _prepare(self, tx: Transaction, gid: bytes) -> None:
+        if not 1 <= len(gid) <= 1024:
+            raise ValueError(f"gid must be 1 to 1024 bytes, got {len(gid)}")
+        ssi = tx.ssi
+        with self._latch:
+            self._check_open()
+            self._check_writable()
+            if gid in self._prepared:
+                raise ValueError(f"a transaction is already prepared as {gid!r}")
+            if ssi is not None:
+                self._ssi_call(tx, self._ssi.check_commit, ssi)
+            if not tx.txid:  # nothing written: take an id so the decision is durable
+                tx.txid = self._next_txid
+                self._next_txid += 1
+                tx.snapshot.own = tx.txid
+                self._writers[tx.txid] = tx
+            assert self._wal is not None
+            try:
+                lsn = self._wal.append(RecordType.PREPARE, tx.txid, gid, tx.last_lsn)
+            except PoisonedError as e:
+                self._poisoned(e)
+                raise
+            tx.last_lsn = lsn
+            tx.state = PREPARED
+            tx.gid = gid
+            self._prepared[gid] = tx
+        try:
+            self._wal.flush(lsn)  # prepare is durable in every sync mode
+        except PoisonedError as e:
+            with self._latch:
+                self._poisoned(e)
+            raise
+
+    def prepared(self) -> list[bytes]:
+        """Global ids of the prepared (in-doubt) transactions."""
+        self._check_open()
+        with self._latch:
+            return sorted(self._prepared)
+
+    def _take_prepared(self, gid: object) -> Transaction:
+        if not isinstance(gid, (bytes, bytearray, memoryview)):
+            raise TypeError(f"gid must be bytes, not {type(gid).__name__}")
+        tx = self._prepared.get(bytes(gid))
+        if tx is None:
+            raise ValueError(f"no prepared transaction with gid {bytes(gid)!r}")
+        return tx
+
+    def commit_prepared(self, gid: bytes) -> None:
+        """Commit the prepared transaction ``gid`` (durably under sync="full")."""
+        self._check_open()
+        with self._latch:
+            self._check_writable()
+            tx = self._take_prepared(gid)
+            assert self._wal is not None
+            lsn = self._wal.append(RecordType.COMMIT, tx.txid, b"", tx.last_lsn)
+            tx.state = COMMITTING
+            del self._prepared[tx.gid]  # type: ignore[arg-type]
+        self._wal.flush(lsn)
+        with self._latch:
+            self._writers.pop(tx.txid, None)
+            self._commit_seq += 1
+            self._finish_commit(tx)
+            self._stats["commits"] += 1
+
+    def rollback_prepared(self, gid: bytes) -> None:
+        """Roll back the prepared transaction ``gid``."""
+        self._check_open()
+        with self._latch:
+            self._check_writable()
+            tx = self._take_prepared(gid)
+            self._rollback_locked(tx)
+            assert self._wal is not None
+            lsn = self._wal.end_lsn
+        self._wal.flush(lsn - 1 if lsn else None)
+
+    # --- purge ------------------------------------------------------------------------
+
+    def _horizon(self) -> int:
+        """Versions written below this id are visible to every live snapshot."""
+        return min((s.horizon for s in self._live.values()), default=self._next_txid)
+
+    def _purge_locked(self, max_pages: int = 16) -> None:
+        """Remove undo records no snapshot needs, and delete-marked keys no
+        snapshot can see.  Caller holds the latch; bounded work per call."""
+        if self._poison is not None:
+            return
+        store = self._store
+        assert store is not None
+        horizon = self._horizon()
+        budget = [max_pages]
+
+        def finished(records: list) -> bool:
+            if budget[0] <= 0:
+                return False
+            for r in records:
+                if r.txid >= horizon:
+                    return False
+            budget[0] -= 1
+            for r in records:
+                if r.flags & UNDONE:
+                    continue
+                cell = store.tree.get(r.key)
+                if cell is not None and cell[1] == r.txid and cell[0] & FLAG_DELETED:
+                    store.tree.delete(r.key, free_old=True)
+                    self._stats["purged_keys"] += 1
+                if r.value.__class__ is OverflowRef:
+                    store.tree.free_value((0, 0, 0, r.value))
+            return True
+
+        try:
+            freed = store.undo.free_pages_before(lambda records: not finished(records))
+        except PoisonedError as e:
+            self._poisoned(e)
+            return
+        self._stats["purged_undo_pages"] += freed
+
+    def purge(self) -> None:
+        """Purge now (it also runs by itself every 64 commits)."""
+        self._check_open()
+        with self._latch:
+            self._purge_locked(max_pages=1 << 30)
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Make the current state durable in the page file and truncate the log."""
+        self._check_open()
+        with self._latch:
+            self._check_writable()
+            return self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> dict[str, Any]:
+        """A sharp checkpoint under the latch: the transaction table to the
+        log, every dirty page to the page file, the flip, WAL truncation."""
+        from recovery.restart import encode_checkpoint
+
+        store, wal = self._store, self._wal
+        assert store is not None and wal is not None
+        started = time.monotonic()
+        table = {t.txid: (t.last_undo, t.last_lsn, t.gid if t.state == PREPARED else None) for t in self._writers.values()}
+        lsn = wal.append(RecordType.CHECKPOINT_END, 0, encode_checkpoint(table, self._next_txid))
+        try:
+            wal.flush()
+            result = store.flip(lsn, _EXTRA.pack(self._next_txid, self._commit_seq))
+            before = sum(s.end_lsn - s.first_lsn for s in wal.segments())
+            wal.truncate_before(lsn)
+            after = sum(s.end_lsn - s.first_lsn for s in wal.segments())
+        except OSError as e:
+            if isinstance(e, PoisonedError) or store.pagefile._poison is not None:
+                self._poisoned(e)
+            raise
+        except PoisonedError as e:
+            self._poisoned(e)
+            raise
+        seconds = time.monotonic() - started
+        self._stats["checkpoints"] += 1
+        self._last_checkpoint_seconds = seconds
+        return {
+            "lsn": lsn,
+            "pages_written": result["pages_written"],
+            "seconds": seconds,
+            "wal_bytes_truncated": before - after,
+        }
+
+    # --- inspection ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and sizes (see SPEC.md for the fields)."""
+        self._check_open()
+        with self._latch:
+            store, wal = self._store, self._wal
+            assert store is not None and wal is not None
+            segs = wal.segments()
+            pool = store.pool.stats()
+            pf = store.pagefile.stats()
+            return {
+                **self._stats,
+                "last_checkpoint_seconds": self._last_checkpoint_seconds,
+                "wal_bytes": sum(s.end_lsn - s.first_lsn for s in segs),
+                "wal_segments": len(segs),
+                "pages": pf["pages"],
+                "page_size": pf["page_size"],
+                "free_slots": pf["free_slots"],
+                "cache_hits": pool["cache_hits"],
+                "cache_misses": pool["cache_misses"],
+                "active_transactions": len(self._live),
+                "prepared_transactions": len(self._prepared),
+                "undo_pages": len(store.undo.pages()),
+                "tree_depth": store.tree.depth(),
+                **self._recovery,
+            }
+
+    def _check_structures(self) -> dict[str, int]:
+        """Walk the structures and raise AssertionError on a broken invariant."""
+        with self._latch:
+            assert self._store is not None
+            return self._store._check()
+
+    def __repr__(self) -> str:
+        return f"<kvstore.Database {self.path!r}{' closed' if self._closed else ''}>"

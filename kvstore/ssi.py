@@ -1,0 +1,238 @@
+"""Serializable Snapshot Isolation: read marks, rw-antidependencies, and the
+dangerous-structure rule (Cahill, Röhm and Fekete 2008; Ports and Grittner
+2012, as in PostgreSQL's README-SSI).
+
+Every serializable transaction records what it read: keys, and the ranges its
+scans covered (predicate marks, so phantoms count).  A read-write
+anti-dependency R -> W means R read something W overwrote, so R must come
+before W in any equivalent serial order.  It is found from either side:
+
+* W writes a key that a concurrent R read, or that lies in a range R scanned
+  (``on_write``);
+* R reads a key and skips a version its snapshot cannot see, written by W
+  (``on_read`` with the skipped writers).
+
+A non-serializable execution always contains a *dangerous structure*
+T_in -> T_pivot -> T_out in which T_out commits first.  When one forms, the
+pivot is aborted if it has not committed; otherwise the transaction that
+completes the structure is.  Refinement for read-only T_in (Ports and
+Grittner, "read-only optimisation"): the structure is dangerous only if T_out
+committed before T_in took its snapshot.
+
+Consequences (the liveness the tests check): a transaction with only incoming
+or only outgoing anti-dependencies always commits, and a read-only one fails
+only when it completes a dangerous structure whose pivot already committed.
+
+Only serializable transactions take part; a snapshot-isolation writer creates
+no edges (as in PostgreSQL).  The state of a committed transaction is kept
+until every transaction concurrent with it has finished.
+
+Not thread-safe: the caller holds the engine latch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from wal.errors import ConflictError
+
+
+class SsiTxn:
+    """The SSI state of one serializable transaction."""
+
+    __slots__ = (
+        "txid", "snap_seq", "commit_seq", "wrote", "declared_readonly", "ins", "outs",
+        "earliest_out", "doomed", "keys", "ranges", "done",
+    )
+
+    def __init__(self, txid: int, snap_seq: int, readonly: bool) -> None:
+        self.txid = txid  # 0 for a read-only transaction
+        self.snap_seq = snap_seq  # commits finished when its snapshot was taken
+        self.commit_seq: int | None = None
+        self.wrote = False
+        self.declared_readonly = readonly
+        self.ins: set[SsiTxn] = set()  # R -> self
+        self.outs: set[SsiTxn] = set()  # self -> W
+        # the earliest commit among committed W with self -> W; kept after W
+        # itself is forgotten, so a structure with W as T_out is still seen
+        self.earliest_out: int | None = None
+        self.doomed: ConflictError | None = None
+        self.keys: set[bytes] = set()
+        self.ranges: list[tuple[bytes | None, bytes | None]] = []
+        self.done = False  # committed or aborted
+
+    @property
+    def readonly(self) -> bool:
+        return self.declared_readonly or not self.wrote
+
+    def __repr__(self) -> str:
+        return f"SsiTxn({self.txid}, snap {self.snap_seq}, commit {self.commit_seq})"
+
+
+def _before(a: int | None, b: int | None) -> bool:
+    """Commit ``a`` happened before commit ``b`` (None: not committed yet)."""
+    return a is not None and (b is None or a < b)
+
+
+def dangerous(t_in: SsiTxn, pivot: SsiTxn) -> bool:
+    """Whether T_in -> pivot -> T_out is a dangerous structure for some
+    committed T_out (the earliest one is the best candidate)."""
+    out = pivot.earliest_out
+    if out is None or not _before(out, pivot.commit_seq) or not _before(out, t_in.commit_seq):
+        return False
+    if t_in.readonly and t_in.commit_seq is None:
+        return out <= t_in.snap_seq  # read-only refinement
+    return True
+
+
+def _note_out(t: SsiTxn, seq: int) -> None:
+    if t.earliest_out is None or seq < t.earliest_out:
+        t.earliest_out = seq
+
+
+class SsiManager:
+    """Read marks and anti-dependencies of all serializable transactions."""
+
+    def __init__(self) -> None:
+        self.by_txid: dict[int, SsiTxn] = {}  # writers, by transaction id
+        self.key_readers: dict[bytes, set[SsiTxn]] = {}
+        self.range_readers: list[tuple[bytes | None, bytes | None, SsiTxn]] = []
+        self.live: set[SsiTxn] = set()  # begun, and kept until nobody concurrent remains
+        #: test-only canary switch: detect nothing (the isolation checker must notice)
+        self.disabled = False
+
+    def begin(self, txid: int, snap_seq: int, readonly: bool) -> SsiTxn:
+        t = SsiTxn(txid, snap_seq, readonly)
+        if txid:
+            self.by_txid[txid] = t
+        self.live.add(t)
+        return t
+
+    # --- recording reads and writes ---------------------------------------------------
+
+    def on_read(self, t: SsiTxn, key: bytes, skipped_writers: Iterable[int]) -> None:
+        """``t`` read ``key``; the writers of newer versions it could not see
+        are ``skipped_writers``.  Raises ConflictError if ``t`` must abort."""
+        if self.disabled:
+            return
+        if key not in t.keys:
+            t.keys.add(key)
+            self.key_readers.setdefault(key, set()).add(t)
+        for w in skipped_writers:
+            writer = self.by_txid.get(w)
+            if writer is not None and writer is not t:
+                self._edge(t, writer, t, key)
+
+    def on_scan(self, t: SsiTxn, start: bytes | None, stop: bytes | None) -> None:
+        """``t`` scanned [start, stop): a predicate mark against phantoms."""
+        if self.disabled:
+            return
+        t.ranges.append((start, stop))
+        self.range_readers.append((start, stop, t))
+
+    def on_write(self, t: SsiTxn, key: bytes) -> None:
+        """``t`` writes ``key``: every concurrent reader of it gets an edge
+        reader -> t.  Raises ConflictError if ``t`` must abort."""
+        t.wrote = True
+        if self.disabled:
+            return
+        readers = self.key_readers.get(key)
+        for r in list(readers) if readers else ():
+            if r is not t and self._concurrent(r, t):
+                self._edge(r, t, t, key)
+        for start, stop, r in self.range_readers:
+            if r is not t and (start is None or start <= key) and (stop is None or key < stop) and self._concurrent(r, t):
+                self._edge(r, t, t, key)
+
+    @staticmethod
+    def _concurrent(reader: SsiTxn, writer: SsiTxn) -> bool:
+        """The reader had not committed when the writer took its snapshot."""
+        return reader.commit_seq is None or reader.commit_seq > writer.snap_seq
+
+    def _edge(self, r: SsiTxn, w: SsiTxn, current: SsiTxn, key: bytes) -> None:
+        if w not in r.outs:
+            r.outs.add(w)
+            w.ins.add(r)
+            if dangerous(r, w):  # w as the pivot: r -> w -> (committed T_out)
+                self._abort_for(w if w.commit_seq is None else r, key)
+            if w.commit_seq is not None:  # r as the pivot: i -> r -> w, w committed
+                _note_out(r, w.commit_seq)
+                for i in list(r.ins):
+                    if dangerous(i, r):
+                        self._abort_for(r if r.commit_seq is None else i, key)
+        self._raise_if_doomed(current)
+
+    def _abort_for(self, victim: SsiTxn, key: bytes | None) -> None:
+        if victim.commit_seq is not None or victim.doomed is not None:
+            return
+        victim.doomed = ConflictError(
+            f"serialization failure: transaction is the pivot of a dangerous structure"
+            f"{'' if key is None else f' (on key {key!r})'}; retry it",
+            key,
+            "rw-antidependency",
+        )
+
+    @staticmethod
+    def _raise_if_doomed(t: SsiTxn) -> None:
+        if t.doomed is not None:
+            raise t.doomed
+
+    # --- finishing ------------------------------------------------------------------
+
+    def check_commit(self, t: SsiTxn) -> None:
+        """Raise ConflictError if ``t`` may not commit (call before its commit
+        record is written): ``t`` is doomed, the pivot of a dangerous
+        structure, or would complete one as T_in whose pivot committed."""
+        self._raise_if_doomed(t)
+        if self.disabled:
+            return
+        for i in t.ins:  # t as the pivot
+            if dangerous(i, t):
+                self._abort_for(t, None)
+        for p in t.outs:  # t as T_in
+            if dangerous(t, p):
+                self._abort_for(p if p.commit_seq is None else t, None)
+        self._raise_if_doomed(t)
+
+    def committed(self, t: SsiTxn, commit_seq: int) -> None:
+        """``t`` committed as number ``commit_seq``.  Every p -> t now has a
+        committed T_out; doom p where that makes a dangerous structure."""
+        t.commit_seq = commit_seq
+        t.done = True
+        if self.disabled:
+            return
+        for p in list(t.ins):
+            _note_out(p, commit_seq)
+            for i in list(p.ins):
+                if dangerous(i, p):
+                    self._abort_for(p if p.commit_seq is None else i, None)
+
+    def aborted(self, t: SsiTxn) -> None:
+        """Forget ``t`` at once: an aborted transaction's reads never mattered."""
+        t.done = True
+        self._forget(t)
+
+    def cleanup(self, oldest_active_snap_seq: int | None) -> None:
+        """Drop committed transactions no active one is concurrent with."""
+        for t in [t for t in self.live if t.commit_seq is not None]:
+            if oldest_active_snap_seq is None or t.commit_seq <= oldest_active_snap_seq:
+                self._forget(t)
+
+    def _forget(self, t: SsiTxn) -> None:
+        self.live.discard(t)
+        if t.txid and self.by_txid.get(t.txid) is t:
+            del self.by_txid[t.txid]
+        for key in t.keys:
+            readers = self.key_readers.get(key)
+            if readers is not None:
+                readers.discard(t)
+                if not readers:
+                    del self.key_readers[key]
+        if t.ranges:
+            self.range_readers = [e for e in self.range_readers if e[2] is not t]
+        for o in t.outs:
+            o.ins.discard(t)
+        for i in t.ins:
+            i.outs.discard(t)
+        t.outs = set()
+        t.ins = set()
