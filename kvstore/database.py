@@ -664,7 +664,8 @@ class Database:
         tx.state = COMMITTED
         self._live.pop(tx, None)
         if tx.ssi is not None:
-            if tx.ssi.commit_seq is None:
+            if tx.ssi.commit_seq is None:  # a transaction that wrote nothing
+                self._commit_seq += 1
                 self._ssi.committed(tx.ssi, self._commit_seq)
             self._ssi.cleanup(min((s.commit_seq for s in self._live.values()), default=None))
 
@@ -850,7 +851,7 @@ class Database:
                 "last_checkpoint_seconds": self._last_checkpoint_seconds,
                 "wal_bytes": sum(s.end_lsn - s.first_lsn for s in segs),
                 "wal_segments": len(segs),
-                "pages": pf["pages"],
+                "pages": store.pagefile.allocated(),
                 "page_size": pf["page_size"],
                 "free_slots": pf["free_slots"],
                 "cache_hits": pool["cache_hits"],

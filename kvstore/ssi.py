@@ -69,18 +69,19 @@ class SsiTxn:
         return f"SsiTxn({self.txid}, snap {self.snap_seq}, commit {self.commit_seq})"
 
 
-def _before(a: int | None, b: int | None) -> bool:
-    """Commit ``a`` happened before commit ``b`` (None: not committed yet)."""
-    return a is not None and (b is None or a < b)
-
-
 def dangerous(t_in: SsiTxn, pivot: SsiTxn) -> bool:
     """Whether T_in -> pivot -> T_out is a dangerous structure for some
-    committed T_out (the earliest one is the best candidate)."""
+    committed T_out (the earliest one is the best candidate): T_out committed
+    before the pivot and no later than T_in (T_in may be T_out itself, as in
+    write skew; commit numbers are unique, so equal means the same one)."""
     out = pivot.earliest_out
-    if out is None or not _before(out, pivot.commit_seq) or not _before(out, t_in.commit_seq):
+    if out is None:
         return False
-    if t_in.readonly and t_in.commit_seq is None:
+    if pivot.commit_seq is not None and out >= pivot.commit_seq:
+        return False
+    if t_in.commit_seq is not None and out > t_in.commit_seq:
+        return False
+    if t_in.readonly:
         return out <= t_in.snap_seq  # read-only refinement
     return True
 

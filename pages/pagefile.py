@@ -417,6 +417,10 @@ class PageFile:
 
     # --- inspection ------------------------------------------------------------
 
+    def allocated(self) -> int:
+        """How many logical pages are allocated (written or not)."""
+        return len(self._slot) - 1 - len(self._free_lids)
+
     def stats(self) -> dict[str, int]:
         used = sum(1 for s in self._slot if s)
         return {
