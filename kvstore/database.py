@@ -44,7 +44,7 @@ from kvstore.transaction import (
 )
 from pages.fs import FileSystem, OsFileSystem
 from pages.node import FLAG_DELETED, OverflowRef, pack_ops
-from pages.pagefile import PAGE_FILE_NAME, PageFile
+from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
 from pages.rollback_segment import UNDONE, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
@@ -75,7 +75,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _is_database_file(name: str) -> bool:
-    return name in (PAGE_FILE_NAME, LOCK_FILE_NAME) or parse_segment_name(name) is not None
+    return name in (PAGE_FILE_NAME, PAGE_FILE_NAME + TMP_SUFFIX, LOCK_FILE_NAME) or parse_segment_name(name) is not None
 
 
 def open(  # noqa: A001 - the contract's name
@@ -192,7 +192,7 @@ class Database:
             raise ValueError(f"{path!r} is not a directory, so it cannot hold a database")
         names = fs.listdir(path)
         foreign = [n for n in names if not _is_database_file(n)]
-        if foreign or (names and PAGE_FILE_NAME not in names and any(parse_segment_name(n) is None for n in names if n != LOCK_FILE_NAME)):
+        if foreign:
             raise ValueError(f"{path!r} is not empty and is not a kvstore database (it holds {foreign[:3] or names[:3]})")
         try:
             self._file_lock = fs.lock(os.path.join(path, LOCK_FILE_NAME))

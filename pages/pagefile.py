@@ -64,6 +64,7 @@ from wal.failpoints import failpoint
 log = logging.getLogger("kvstore")
 
 PAGE_FILE_NAME = "pages.db"
+TMP_SUFFIX = ".tmp"
 _META_SLOTS = 2
 
 
@@ -104,22 +105,29 @@ class PageFile:
     ) -> "PageFile":
         """Create a new page file with an empty page table (generation 1).
 
-        Raises FileExistsError if ``path`` exists, ValueError for a bad
-        ``page_size``.  (``min_page_size`` lets tests use tiny pages.)
+        Atomic: the file is written and fsynced under ``path + ".tmp"`` and
+        then renamed into place (the seam fsyncs the directory), so a crash
+        leaves either no page file or a valid one.  Raises FileExistsError if
+        ``path`` exists, ValueError for a bad ``page_size``.  (``min_page_size``
+        lets tests use tiny pages.)
         """
         check_page_size(page_size, min_page_size)
-        f = fs.create(path)
+        if fs.exists(path):
+            raise FileExistsError(f"{path} exists")
+        tmp = path + TMP_SUFFIX
+        if fs.exists(tmp):
+            fs.remove(tmp)  # the leftover of a creation a crash interrupted
         meta = Meta(page_size, 1, db_id, 0, 0, 0, 0, _META_SLOTS, 1, app)
+        f = fs.create(tmp)
         try:
             f.pwrite(0, meta.encode().ljust(page_size, b"\0"))
             f.pwrite(page_size, bytes(page_size))
+            failpoint("pages.before_create_fsync")
             f.fsync()
-        except BaseException:
+        finally:
             f.close()
-            raise
-        self = cls(fs, path, f, meta, 0)
-        self._nslots = _META_SLOTS
-        return self
+        fs.rename(tmp, path)
+        return cls.open(fs, path)
 
     @classmethod
     def open(cls, fs: Any, path: str) -> "PageFile":
@@ -458,4 +466,4 @@ def page_file_path(directory: str) -> str:
     return os.path.join(directory, PAGE_FILE_NAME)
 
 
-__all__ = ["PageFile", "PAGE_FILE_NAME", "page_file_path", "PAGE_HEADER_SIZE"]
+__all__ = ["PageFile", "PAGE_FILE_NAME", "TMP_SUFFIX", "page_file_path", "PAGE_HEADER_SIZE"]
