@@ -172,13 +172,14 @@ class Database:
         self._prepared: dict[bytes, Transaction] = {}
         self._ssi = SsiManager()
         self._stats = {"commits": 0, "aborts": 0, "conflicts": 0, "checkpoints": 0, "purged_undo_pages": 0, "purged_keys": 0}
-        self._last_checkpoint_seconds = 0.0
         self._recovery: dict[str, Any] = {"recovery_seconds": 0.0}
         self._commits_since_purge = 0
         self._poison: BaseException | None = None
+        self._checkpointer: Any = None
         self._open(create, page_size, cache_size)
         self._closed = False
         _open_databases.add(self)
+        self._checkpointer.start()
 
     # --- opening -----------------------------------------------------------------
 
@@ -203,7 +204,9 @@ class Database:
             page_path = os.path.join(path, PAGE_FILE_NAME)
             if fs.exists(page_path):
                 pagefile = PageFile.open(fs, page_path)
-                self._wal = WriteAheadLog.open(fs, path, pagefile.db_id, durable_lsn=pagefile.meta.checkpoint_lsn, sync=self.sync)
+                self._wal = WriteAheadLog.open(
+                    fs, path, pagefile.db_id, durable_lsn=pagefile.meta.checkpoint_lsn, sync=self.sync, segment_size=self._segment_size()
+                )
                 self._store = PageStore(pagefile, self._wal, cache_size, None)
                 if PageStore.roots_of(pagefile.meta.app) == (0, 0):
                     self._initialise()  # a creation that a crash interrupted
@@ -211,6 +214,7 @@ class Database:
                     self._store = PageStore(pagefile, self._wal, cache_size, PageStore.roots_of(pagefile.meta.app))
                     self._next_txid, self._commit_seq = _EXTRA.unpack_from(self._store.app_extra)
                     self._next_txid = max(self._next_txid, 1)
+                    self._make_checkpointer()
                     self._restart()
             else:
                 # Creation: the page file first (its existence marks a database),
@@ -220,7 +224,7 @@ class Database:
                         fs.remove(os.path.join(path, name))  # leftovers of an interrupted creation
                 db_id = uuid.uuid4().bytes
                 pagefile = PageFile.create(fs, page_path, page_size, db_id)
-                self._wal = WriteAheadLog.open(fs, path, db_id, durable_lsn=0, sync=self.sync)
+                self._wal = WriteAheadLog.open(fs, path, db_id, durable_lsn=0, sync=self.sync, segment_size=self._segment_size())
                 self._store = PageStore(pagefile, self._wal, cache_size, None)
                 self._initialise()
             self._recovery["recovery_seconds"] = time.monotonic() - started
@@ -228,11 +232,40 @@ class Database:
             self._release_files()
             raise
 
+    def _segment_size(self) -> int:
+        """A quarter of ``checkpoint_wal_bytes`` (4 KiB to 16 MiB), so that
+        truncation, which removes whole segments, keeps the log near it."""
+        return max(4096, min(16 * 2**20, self.checkpoint_wal_bytes // 4))
+
     def _makedirs(self, path: str) -> None:
         parent = os.path.dirname(os.path.abspath(path))
         if parent and not self._fs.exists(parent):
             self._makedirs(parent)
         self._fs.mkdir(path)
+
+    def _make_checkpointer(self) -> None:
+        from recovery.checkpointer import Checkpointer
+
+        self._checkpointer = Checkpointer(
+            self._latch,
+            self._store,
+            self._wal,
+            self._checkpoint_table,
+            lambda: _EXTRA.pack(self._next_txid, self._commit_seq),
+            interval=self.checkpoint_interval,
+            wal_bytes=self.checkpoint_wal_bytes,
+            on_error=self._checkpoint_failed,
+        )
+
+    def _checkpoint_table(self) -> tuple[dict, int]:
+        """The transaction table for CHECKPOINT_BEGIN.  Caller holds the latch."""
+        table = {t.txid: (t.last_undo, t.last_lsn, t.gid if t.state == PREPARED else None) for t in self._writers.values()}
+        return table, self._next_txid
+
+    def _checkpoint_failed(self, err: BaseException) -> None:
+        store = self._store
+        if isinstance(err, PoisonedError) or (store is not None and store.pagefile._poison is not None):
+            self._poisoned(err)
 
     def _initialise(self) -> None:
         from pages.btree import BTree
@@ -242,7 +275,8 @@ class Database:
         assert store is not None
         store.tree = BTree.create(store.pool, store.pagefile, store.log_ops)
         store.undo = RollbackSegment.create(store.pool, store.pagefile, store.log_ops)
-        self._checkpoint_locked()
+        self._make_checkpointer()
+        self._checkpointer.checkpoint(latch_held=True)
 
     def _restart(self) -> None:
         """Recover after an unclean shutdown (nothing to do after a clean one)."""
@@ -265,7 +299,7 @@ class Database:
                 self.path, report.records_scanned, report.ops_redone, report.undone, len(report.prepared), report.seconds,
             )
         if report.records_scanned:
-            self._checkpoint_locked()
+            self._checkpointer.checkpoint(latch_held=True)
 
     def _append_clr_for(self, txid: int, undo_next: int, ops: list, prev_lsn: int = NO_LSN) -> int:
         assert self._wal is not None
@@ -280,13 +314,14 @@ class Database:
             if self._forked:
                 return  # never touch the parent's files from a forked child
             return
+        self._checkpointer.stop()
         with self._latch:
             for tx in list(self._live):
                 if tx.state == ACTIVE:
                     self._rollback_locked(tx)
             try:
                 if self._poison is None:
-                    self._checkpoint_locked()
+                    self._checkpointer.checkpoint(latch_held=True)
             finally:
                 self._closed = True
                 self._release_files()
@@ -659,6 +694,7 @@ class Database:
             if self._commits_since_purge >= 64:
                 self._commits_since_purge = 0
                 self._purge_locked()
+        self._checkpointer.poke()
 
     def _finish_commit(self, tx: Transaction) -> None:
         tx.state = COMMITTED
@@ -796,44 +832,16 @@ class Database:
     # --- checkpoints -------------------------------------------------------------------
 
     def checkpoint(self) -> dict[str, Any]:
-        """Make the current state durable in the page file and truncate the log."""
+        """Run a checkpoint now: the current state becomes the durable image
+        and the log before it is deleted.  Returns ``lsn``, ``pages_written``,
+        ``seconds``, ``wal_bytes_truncated``.  Writers keep running meanwhile.
+
+        Raises the I/O error if it fails; the previous image and the log are
+        then intact and the store keeps working (unless an fsync failed).
+        """
         self._check_open()
-        with self._latch:
-            self._check_writable()
-            return self._checkpoint_locked()
-
-    def _checkpoint_locked(self) -> dict[str, Any]:
-        """A sharp checkpoint under the latch: the transaction table to the
-        log, every dirty page to the page file, the flip, WAL truncation."""
-        from recovery.restart import encode_checkpoint
-
-        store, wal = self._store, self._wal
-        assert store is not None and wal is not None
-        started = time.monotonic()
-        table = {t.txid: (t.last_undo, t.last_lsn, t.gid if t.state == PREPARED else None) for t in self._writers.values()}
-        lsn = wal.append(RecordType.CHECKPOINT_END, 0, encode_checkpoint(table, self._next_txid))
-        try:
-            wal.flush()
-            result = store.flip(lsn, _EXTRA.pack(self._next_txid, self._commit_seq))
-            before = sum(s.end_lsn - s.first_lsn for s in wal.segments())
-            wal.truncate_before(lsn)
-            after = sum(s.end_lsn - s.first_lsn for s in wal.segments())
-        except OSError as e:
-            if isinstance(e, PoisonedError) or store.pagefile._poison is not None:
-                self._poisoned(e)
-            raise
-        except PoisonedError as e:
-            self._poisoned(e)
-            raise
-        seconds = time.monotonic() - started
-        self._stats["checkpoints"] += 1
-        self._last_checkpoint_seconds = seconds
-        return {
-            "lsn": lsn,
-            "pages_written": result["pages_written"],
-            "seconds": seconds,
-            "wal_bytes_truncated": before - after,
-        }
+        self._check_writable()
+        return self._checkpointer.checkpoint()
 
     # --- inspection ---------------------------------------------------------------------
 
@@ -848,7 +856,12 @@ class Database:
             pf = store.pagefile.stats()
             return {
                 **self._stats,
-                "last_checkpoint_seconds": self._last_checkpoint_seconds,
+                "checkpoints": self._checkpointer.count,
+                "last_checkpoint_seconds": self._checkpointer.last_seconds,
+                "last_checkpoint_lsn": self._checkpointer.last_lsn,
+                "last_checkpoint_time": self._checkpointer.last_wall_time,
+                "checkpoint_errors": self._checkpointer.errors,
+                "last_checkpoint_error": self._checkpointer.last_error,
                 "wal_bytes": sum(s.end_lsn - s.first_lsn for s in segs),
                 "wal_segments": len(segs),
                 "pages": store.pagefile.allocated(),

@@ -166,6 +166,27 @@ class BufferPool:
             frame.rec_lsn = 0
         return len(dirty)
 
+    def write_some(self, lids: list[int], durable_lsn: int) -> tuple[int, list[int]]:
+        """Write those of ``lids`` that are still dirty and whose page LSN the
+        log has made durable (P1 without waiting); return (pages written, ids
+        still waiting for the log).  For the fuzzy checkpoint, in batches under
+        short holds of the latch."""
+        written, later = 0, []
+        frames = self._frames
+        for lid in lids:
+            frame = frames.get(lid)
+            if frame is None or not frame.dirty:
+                continue  # evicted (written by steal) or freed since
+            node = frame.node
+            if node.page_lsn >= durable_lsn:
+                later.append(lid)
+                continue
+            self.pagefile.write_page(lid, node.ptype, node.page_lsn, node.encode())
+            frame.dirty = False
+            frame.rec_lsn = 0
+            written += 1
+        return written, later
+
     def dirty_table(self) -> dict[int, int]:
         """{page id: recLSN} of the dirty pages."""
         return {lid: f.rec_lsn for lid, f in self._frames.items() if f.dirty}

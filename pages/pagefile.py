@@ -94,6 +94,7 @@ class PageFile:
         self._free_slots: SortedList = SortedList()
         self._nslots = _META_SLOTS
         self._poison: PoisonedError | None = None
+        self._flip: FlipState | None = None  # a flip in flight (between phases 1 and 3)
         self.pages_written = 0
         self.pages_read = 0
 
@@ -268,7 +269,7 @@ class PageFile:
     def _release_slot(self, slot: int) -> None:
         if not slot:
             return
-        if slot in self._durable_slots:
+        if slot in self._durable_slots or (self._flip is not None and slot in self._flip.image):
             self._pending_free.add(slot)  # P4: only after the next flip
         else:
             self._free_slots.add(slot)  # written since the flip, referenced by nothing durable
@@ -328,19 +329,39 @@ class PageFile:
         allocated but never written are not part of the image.  On an I/O
         error the durable image is the previous one; the error propagates and
         the page file is poisoned if an fsync failed.
+
+        This runs the three phases of a flip back to back; a fuzzy checkpoint
+        runs them with the engine latch held only around the first and last.
         """
+        state = self.begin_flip()
+        try:
+            self.flip_io(state, checkpoint_lsn, app)
+        except BaseException:
+            self.abort_flip(state)
+            raise
+        return self.complete_flip(state)
+
+    def begin_flip(self) -> "FlipState":
+        """Phase 1 (caller holds the latch): write the changed page-table pages
+        for the current image and reserve every slot the image references, so
+        nothing overwrites them while the flip is in flight (P2)."""
         if self._poison is not None:
             raise self._poison
+        if self._flip is not None:
+            raise RuntimeError("a flip is already in progress")
         fanout = self._fanout
         nlids = len(self._slot)
         depth = 1
         while fanout**depth < nlids:
             depth += 1
         dirty = set(self._pt_dirty)
-        if depth != self.meta.pt_depth:
+        same_shape = depth == self.meta.pt_depth
+        if not same_shape:
             dirty = set(range((nlids + fanout - 1) // fanout))
-        new_pt: list[dict[int, tuple[int, int]]] = [dict(self._pt_pages[lvl]) if lvl < len(self._pt_pages) and depth == self.meta.pt_depth else {} for lvl in range(depth)]
-        written: list[int] = []
+        new_pt: list[dict[int, tuple[int, int]]] = [
+            dict(self._pt_pages[lvl]) if same_shape else {} for lvl in range(depth)
+        ]
+        state = FlipState(new_pt, depth, nlids, self._nslots, set(self._pt_dirty))
         try:
             level_dirty = dirty
             for level in range(depth):
@@ -356,49 +377,78 @@ class PageFile:
                     body = b"".join(PT_ENTRY.pack(s, c) for s, c in entries)
                     data, crc = encode_page(self.page_size, PageType.PAGE_TABLE, 0, self._pt_lid(level, index), body)
                     slot = self._take_slot()
-                    written.append(slot)
+                    state.written.append(slot)
                     self._file.pwrite(slot * self.page_size, data)
                     new_pt[level][index] = (slot, crc)
                     parents.add(index // fanout)
                 level_dirty = parents
-            root_slot, root_crc = new_pt[depth - 1][0]
-            failpoint("pages.before_flip_fsync")
-            self._fsync()  # P3: pages and page-table pages are durable before the meta
-            meta = Meta(
-                self.page_size,
-                self.meta.generation + 1,
-                self.db_id,
-                checkpoint_lsn,
-                root_slot,
-                root_crc,
-                depth,
-                self._nslots,
-                nlids,
-                app,
-            )
-            target = 1 - self._meta_slot
-            failpoint("pages.before_meta_write")
-            self._file.pwrite(target * self.page_size, meta.encode())
-            failpoint("pages.before_meta_fsync")
-            self._fsync()
-            failpoint("pages.after_meta_fsync")
         except BaseException:
-            self._free_slots.update(written)  # the durable image is still the old one
+            self._free_slots.update(state.written)
             raise
-        # The new image is durable: rebuild what it references (P4).
-        self.meta = meta
-        self._meta_slot = target
-        self._pt_pages = new_pt
-        self._pt_dirty.clear()
-        durable = {s for s in self._slot if s}
+        state.nslots = self._nslots
+        image = {s for s in self._slot if s}
         for level in new_pt:
-            durable.update(s for s, _ in level.values())
+            image.update(s for s, _ in level.values())
+        state.image = image
+        self._pt_dirty.clear()
+        self._flip = state
+        return state
+
+    def flip_io(self, state: "FlipState", checkpoint_lsn: int, app: bytes) -> None:
+        """Phase 2 (no latch needed): fsync, the meta, fsync (P3)."""
+        root_slot, root_crc = state.new_pt[state.depth - 1][0]
+        failpoint("pages.before_flip_fsync")
+        self._fsync()  # P3: pages and page-table pages are durable before the meta
+        meta = Meta(
+            self.page_size,
+            self.meta.generation + 1,
+            self.db_id,
+            checkpoint_lsn,
+            root_slot,
+            root_crc,
+            state.depth,
+            state.nslots,
+            state.nlids,
+            app,
+        )
+        target = 1 - self._meta_slot
+        failpoint("pages.before_meta_write")
+        self._file.pwrite(target * self.page_size, meta.encode())
+        failpoint("pages.before_meta_fsync")
+        self._fsync()
+        failpoint("pages.after_meta_fsync")
+        state.meta, state.target = meta, target
+
+    def abort_flip(self, state: "FlipState") -> None:
+        """After a failed phase 2 (caller holds the latch): the durable image
+        is still the old one; release what the flip reserved."""
+        if self._flip is state:
+            self._flip = None
+        self._pt_dirty |= state.pt_dirty
+        self._free_slots.update(s for s in state.written if s not in self._durable_slots)
+        # slots released while the flip was in flight are free unless durable
+        moved = {s for s in self._pending_free if s not in self._durable_slots}
+        self._pending_free -= moved
+        self._free_slots.update(moved)
+
+    def complete_flip(self, state: "FlipState") -> dict[str, int]:
+        """Phase 3 (caller holds the latch): the new image is durable; free
+        what only the old image used (P4)."""
+        assert state.meta is not None
+        self.meta = state.meta
+        self._meta_slot = state.target
+        self._pt_pages = state.new_pt
+        self._flip = None
+        durable = state.image
         freed = self._durable_slots - durable
         self._durable_slots = durable
-        self._free_slots.update(s for s in freed | self._pending_free if s not in durable)
-        self._pending_free.clear()
+        # Slots the new image references stay reserved as durable even if the
+        # current table has moved on (they are freed by the next flip: P4).
+        release = {s for s in freed | self._pending_free if s not in durable}
+        self._pending_free = set()
+        self._free_slots.update(release)
         shrunk = self._shrink()
-        return {"pt_pages_written": len(written), "slots_freed": len(freed), "slots_truncated": shrunk}
+        return {"pt_pages_written": len(state.written), "slots_freed": len(release), "slots_truncated": shrunk}
 
     def _shrink(self) -> int:
         """Cut free slots off the end of the file."""
@@ -460,6 +510,21 @@ class PageFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+class FlipState:
+    """What phase 1 of a flip decided, carried to phases 2 and 3."""
+
+    def __init__(self, new_pt: list[dict[int, tuple[int, int]]], depth: int, nlids: int, nslots: int, pt_dirty: set[int]) -> None:
+        self.new_pt = new_pt
+        self.depth = depth
+        self.nlids = nlids
+        self.nslots = nslots
+        self.pt_dirty = pt_dirty  # restored if the flip fails
+        self.written: list[int] = []  # page-table slots written
+        self.image: set[int] = set()  # every slot the new image references
+        self.meta: Meta | None = None
+        self.target = 0
 
 
 def page_file_path(directory: str) -> str:

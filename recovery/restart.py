@@ -1,7 +1,8 @@
 """Restart after a crash: analysis, redo, undo (ARIES).
 
-The page file's meta names the checkpoint LSN; the log holds a CHECKPOINT_END
-record there with the transaction table at the checkpoint.  Restart:
+The page file's meta names the checkpoint LSN; the log holds a
+CHECKPOINT_BEGIN record there with the transaction table at that moment
+(``recovery.checkpointer``).  Restart:
 
 1. **Analysis** reads the log forward from the checkpoint and rebuilds the
    table of unfinished transactions: for each, the head of its undo chain
@@ -19,7 +20,7 @@ A crash during restart leaves a log whose analysis resumes each rollback at
 its last CLR's undo-next, so restarting any number of times ends in the same
 state.  The caller checkpoints after restart.
 
-Checkpoint record payload: ``u64 next txid | u32 n | n x (u64 txid | u64
+CHECKPOINT_BEGIN payload: ``u64 next txid | u32 n | n x (u64 txid | u64
 last undo | u64 last LSN | u16 gid length | gid)``; gid length 0xFFFF means
 not prepared.
 """
@@ -43,7 +44,7 @@ _NOT_PREPARED = 0xFFFF
 
 
 def encode_checkpoint(table: dict[int, tuple[int, int, bytes | None]], next_txid: int) -> bytes:
-    """The CHECKPOINT_END payload for ``{txid: (last undo, last LSN, gid)}``."""
+    """The CHECKPOINT_BEGIN payload for ``{txid: (last undo, last LSN, gid)}``."""
     parts = [_HEAD.pack(next_txid, len(table))]
     for txid, (undo, lsn, gid) in sorted(table.items()):
         parts.append(_ENTRY.pack(txid, undo, lsn, _NOT_PREPARED if gid is None else len(gid)))
@@ -98,7 +99,7 @@ def analyse(wal: Any, checkpoint_lsn: int) -> tuple[dict[int, list[Any]], int, i
     records = wal.records(checkpoint_lsn)
     first = next(records, None)
     where = f"log at checkpoint LSN {checkpoint_lsn}"
-    if first is None or first.lsn != checkpoint_lsn or first.type != RecordType.CHECKPOINT_END:
+    if first is None or first.lsn != checkpoint_lsn or first.type != RecordType.CHECKPOINT_BEGIN:
         raise CorruptionError(where, "the checkpoint record the page file names is not there")
     next_txid, table = decode_checkpoint(first.payload, where)
     max_txid = next_txid - 1

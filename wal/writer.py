@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any, Iterator
 
 from wal.errors import ClosedError, PoisonedError
@@ -113,7 +114,9 @@ class LogWriter:
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
         if sync == "normal":
-            self._syncer = threading.Thread(target=self._sync_loop, name="kvstore-wal-sync", daemon=True)
+            self._syncer = threading.Thread(
+                target=_sync_loop, args=(weakref.ref(self), self._stop), name="kvstore-wal-sync", daemon=True
+            )
             self._syncer.start()
 
     # --- state ----------------------------------------------------------
@@ -278,17 +281,6 @@ class LogWriter:
             self._segments[-1].end_lsn = first_lsn
             self._segments.append(Segment(path, first_lsn, first_lsn))
 
-    def _sync_loop(self) -> None:
-        """sync="normal": fsync what the OS has at least every 100 ms."""
-        while not self._stop.wait(NORMAL_SYNC_INTERVAL):
-            if self._poison is not None or self._closed:
-                return
-            if self._written_lsn > self._durable_lsn:
-                try:
-                    self.flush(self._written_lsn - 1)
-                except Exception:
-                    return  # poisoned: the next append reports it
-
     # --- reading ----------------------------------------------------------
 
     def read(self, lsn: int) -> Record:
@@ -386,3 +378,18 @@ class LogWriter:
                 while self._io_busy:
                     self._cond.wait()
             self._file.close()
+
+
+def _sync_loop(ref: "weakref.ref[LogWriter]", stop: threading.Event) -> None:
+    """sync="normal": fsync what the OS has at least every 100 ms.  Holds the
+    writer weakly, so a log dropped without close() lets the thread end."""
+    while not stop.wait(NORMAL_SYNC_INTERVAL):
+        self = ref()
+        if self is None or self._poison is not None or self._closed:
+            return
+        if self._written_lsn > self._durable_lsn:
+            try:
+                self.flush(self._written_lsn - 1)
+            except Exception:
+                return  # poisoned: the next append reports it
+        del self

@@ -1,0 +1,200 @@
+"""Fuzzy checkpoints: a new durable image without stopping writers.
+
+Protocol (``Checkpointer.checkpoint``)::
+
+    latch: CHECKPOINT_BEGIN at LSN B, holding the transaction table;
+           note the pages dirty now
+    flush the log to its end                                   (no latch)
+    repeat, in batches of 64 under short latch holds:
+           write each noted page that is still dirty and whose page LSN
+           is durable; flush the log for the rest              (no latch)
+    latch: phase 1 of the flip -- the page-table image, slots reserved
+    fsync, meta naming B as the checkpoint LSN, fsync          (no latch)
+    latch: phase 3 of the flip -- free what only the old image used
+    delete WAL segments wholly below B; CHECKPOINT_END
+
+Why it is correct: restart redoes from B, applying a record only where page
+LSN < record LSN.  Every page is in the image as of some moment after B, or
+(if dirtied after B and not noted) as of an earlier flip, so replaying from
+B repeats exactly what the image misses.  Undo needs no log before B: it lives
+in the rollback segment, which is in the image.  So the log below B can go.
+
+A checkpoint that fails before its meta is durable leaves the previous image
+and the log as they were; the error is reported (``stats()``, the log) and
+the store keeps working -- unless an fsync failed, which poisons it (SPEC
+guarantee 5).
+
+Triggers: every ``interval`` seconds, and whenever ``wal_bytes`` of log have
+been written since the last checkpoint (a background thread polls both), by
+``db.checkpoint()`` and at ``close()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+from recovery.restart import encode_checkpoint
+from wal.errors import PoisonedError
+from wal.failpoints import failpoint
+from wal.format import RecordType
+
+log = logging.getLogger("kvstore")
+
+BATCH = 64
+POLL_SECONDS = 0.05
+
+#: table_fn() -> ({txid: (last undo, last LSN, gid or None)}, next txid)
+TableFn = Callable[[], tuple[dict, int]]
+#: extra_fn() -> bytes for the meta's application area
+ExtraFn = Callable[[], bytes]
+
+
+class Checkpointer:
+    """Runs checkpoints of one database, on demand and in the background."""
+
+    def __init__(
+        self,
+        latch: Any,
+        store: Any,
+        wal: Any,
+        table_fn: TableFn,
+        extra_fn: ExtraFn,
+        *,
+        interval: float = 60.0,
+        wal_bytes: int = 64 * 2**20,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._latch = latch
+        self._store = store
+        self._wal = wal
+        self._table_fn = table_fn
+        self._extra_fn = extra_fn
+        self.interval = interval
+        self.wal_bytes = wal_bytes
+        self._on_error = on_error
+        self._mutex = threading.Lock()  # one checkpoint at a time
+        self.last_lsn = store.pagefile.meta.checkpoint_lsn
+        self.last_time = time.monotonic()
+        self.last_wall_time = time.time()
+        self.count = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.last_seconds = 0.0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+
+    # --- the checkpoint ------------------------------------------------------
+
+    def checkpoint(self, latch_held: bool = False) -> dict[str, Any]:
+        """Run a checkpoint now; return SPEC's fields (lsn, pages_written,
+        seconds, wal_bytes_truncated).  ``latch_held``: the caller holds the
+        engine latch (open and close), so nothing runs concurrently."""
+        with self._mutex:
+            try:
+                return self._run(contextlib.nullcontext() if latch_held else self._latch)
+            except BaseException as e:
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.error("kvstore: checkpoint failed, the previous image and the log are intact: %s", e)
+                if self._on_error is not None:
+                    self._on_error(e)
+                raise
+
+    def _run(self, latch: Any) -> dict[str, Any]:
+        store, wal = self._store, self._wal
+        pool, pagefile = store.pool, store.pagefile
+        started = time.monotonic()
+        with latch:
+            table, next_txid = self._table_fn()
+            begin = wal.append(RecordType.CHECKPOINT_BEGIN, 0, encode_checkpoint(table, next_txid))
+            pending = list(pool.dirty_table())
+        wal.flush()
+        written = 0
+        while pending:
+            with latch:
+                batch, pending = pending[:BATCH], pending[BATCH:]
+                n, later = pool.write_some(batch, wal.durable_lsn)
+            written += n
+            if later:
+                wal.flush()
+                pending = later + pending
+        failpoint("recovery.checkpoint_before_flip")
+        with latch:
+            state = pagefile.begin_flip()
+            app = store.app_area(self._extra_fn())
+        try:
+            pagefile.flip_io(state, begin, app)
+        except BaseException:
+            with latch:
+                pagefile.abort_flip(state)
+            raise
+        with latch:
+            pagefile.complete_flip(state)
+        failpoint("recovery.checkpoint_before_truncate")
+        truncated = wal.truncate_before(begin)
+        wal.append(RecordType.CHECKPOINT_END, 0, struct.pack("<Q", begin))
+        seconds = time.monotonic() - started
+        self.last_lsn = begin
+        self.last_time = time.monotonic()
+        self.last_wall_time = time.time()
+        self.last_seconds = seconds
+        self.count += 1
+        log.debug("kvstore: checkpoint at LSN %d: %d pages, %.3f s, %d WAL bytes removed", begin, written, seconds, truncated)
+        return {"lsn": begin, "pages_written": written, "seconds": seconds, "wal_bytes_truncated": truncated}
+
+    # --- the background trigger ------------------------------------------------
+
+    def due(self) -> bool:
+        wal = self._wal
+        grown = wal.end_lsn - self.last_lsn
+        if grown >= self.wal_bytes:
+            return True
+        return grown > 64 and time.monotonic() - self.last_time >= self.interval
+
+    def poke(self) -> None:
+        """Called on the commit path: wake the thread at once when the log
+        has grown past ``wal_bytes`` (cheap: two attribute reads)."""
+        if self._wal.end_lsn - self.last_lsn >= self.wal_bytes:
+            self._wake.set()
+
+    def start(self) -> None:
+        # The thread holds only a weak reference, so a database dropped
+        # without close() (a test's simulated crash) does not keep it alive.
+        self._thread = threading.Thread(
+            target=_loop, args=(weakref.ref(self), self._stop, self._wake), name="kvstore-checkpointer", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+
+
+def _loop(ref: "weakref.ref[Checkpointer]", stop: threading.Event, wake: threading.Event) -> None:
+    while True:
+        wake.wait(POLL_SECONDS)
+        wake.clear()
+        if stop.is_set():
+            return
+        self = ref()
+        if self is None:
+            return
+        try:
+            if self.due():
+                self.checkpoint()
+        except PoisonedError:
+            return  # the store is read-only until reopened
+        except Exception:  # reported by checkpoint(); try again later
+            self.last_time = time.monotonic()
+        del self
