@@ -382,8 +382,6 @@ def test_malformed_failpoint_environment_raises_value_error(value):
         failpoints.load_from_environment(value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_from_environment('=kill@1') raises TypeError from arm() instead "
-                   "of the documented ValueError naming the entry (wal/failpoints.py load_from_environment)")
 def test_failpoint_environment_with_an_empty_name_raises_value_error():
     with pytest.raises(ValueError, match="expected name=kill@N"):
         failpoints.load_from_environment("=kill@1")
@@ -446,11 +444,9 @@ def test_kill_at_a_failpoint_in_a_child_loses_no_acknowledged_record(tmp_path):
     assert set(acked) <= set(got) and got[: len(acked)] == acked
 
 
-# -- bugs found (strict xfails: they pass once the bug is fixed) -------------------
+# -- regressions of bugs found and fixed; one known limitation stays a strict xfail ---
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: append accepts an unknown record type; the reader then treats "
-                   "the acknowledged record as a torn tail and silently cuts it (wal/writer.py append)")
 def test_unknown_record_type_is_refused_at_append():
     fs = FaultFS(dirs=[D])
     log = open_log(fs)
@@ -470,8 +466,6 @@ def test_unknown_record_type_is_refused_at_append():
     assert [r.lsn for r in log.records()] == [good]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sync and segment_size are checked in LogWriter.__init__, after "
-                   "WriteAheadLog.open has created a segment / cut a torn tail (wal/log.py open)")
 def test_bad_arguments_to_open_write_nothing():
     fs = FaultFS(dirs=[D])
     for kw in (dict(sync="bogus"), dict(segment_size=100)):
@@ -497,8 +491,6 @@ HANG_PRELUDE = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: flush(lsn) with lsn >= end_lsn spins forever, fsyncing in a loop "
-                   "(wal/writer.py flush: target = lsn + 1 is never reached)")
 def test_flush_of_an_lsn_past_the_end_does_not_hang():
     proc = run_child(HANG_PRELUDE + """
     try:
@@ -512,8 +504,6 @@ def test_flush_of_an_lsn_past_the_end_does_not_hang():
     assert proc.returncode == 0, proc.stderr.decode()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read(lsn) with lsn >= end_lsn spins forever in flush instead of "
-                   "raising ValueError (wal/writer.py read)")
 def test_read_of_an_lsn_past_the_end_raises_value_error():
     proc = run_child(HANG_PRELUDE + """
     try:
@@ -525,9 +515,6 @@ def test_read_of_an_lsn_past_the_end_raises_value_error():
     assert proc.returncode == 0 and b"ValueError" in proc.stdout, proc.stderr.decode()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-OSError exception in the group-commit leader (KeyboardInterrupt, "
-                   "a failpoint action) marks the taken records written without writing them; the next flush "
-                   "returns and acknowledges records that are not in the log (wal/writer.py _lead)")
 def test_exception_in_the_leader_never_acknowledges_unwritten_records():
     fs = FaultFS(dirs=[D])
     log = open_log(fs, segment_size=4096)

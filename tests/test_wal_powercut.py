@@ -288,9 +288,6 @@ def process_crash_then_reopen() -> tuple[FaultFS, int]:
     return fs, unsynced
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: WriteAheadLog.open sets durable_lsn to the end of the log it finds, "
-                   "without an fsync; after a process crash flush() then returns for records that are not durable "
-                   "(wal/log.py open / wal/writer.py LogWriter.__init__)")
 def test_flush_after_reopen_makes_the_adopted_tail_durable():
     fs, unsynced = process_crash_then_reopen()
     log = open_log(fs)
@@ -301,9 +298,6 @@ def test_flush_after_reopen_makes_the_adopted_tail_durable():
     assert [r.lsn for r in open_log(fs.crash(DropAll())).records()] == [unsynced]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after a reopen, new records state durable_lsn = the end found on open "
-                   "(L5 broken), so a power cut that drops the unsynced adopted tail but keeps a later write makes "
-                   "open raise CorruptionError (wal/log.py open / wal/writer.py LogWriter.__init__)")
 def test_power_cut_after_reopen_of_an_unsynced_tail_never_raises():
     fs, unsynced = process_crash_then_reopen()
     log = open_log(fs)

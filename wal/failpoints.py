@@ -114,7 +114,7 @@ def load_from_environment(value: str | None = None) -> None:
     for entry in filter(None, (e.strip() for e in value.split(","))):
         name, sep, spec = entry.partition("=")
         action, at, count = spec.partition("@")
-        if not sep or action != "kill" or not at or not count.isdigit() or int(count) < 1:
+        if not name or not sep or action != "kill" or not at or not count.isdigit() or int(count) < 1:
             raise ValueError(f"KVSTORE_FAILPOINTS entry {entry!r}: expected name=kill@N with N >= 1")
         arm(name, _kill, after=int(count) - 1, times=1)
 

@@ -27,7 +27,7 @@ from wal.errors import CorruptionError
 from wal.failpoints import failpoint
 from wal.format import COMPRESS_THRESHOLD, encode_segment_header, segment_name
 from wal.reader import LogState, Segment, inspect_log
-from wal.writer import LogWriter
+from wal.writer import LogWriter, check_writer_args
 
 log = logging.getLogger("kvstore")
 
@@ -66,6 +66,7 @@ class WriteAheadLog(LogWriter):
             raise TypeError(f"db_id must be 16 bytes, not {db_id!r}")
         if not isinstance(durable_lsn, int) or durable_lsn < 0:
             raise ValueError(f"durable_lsn must be an int >= 0, not {durable_lsn!r}")
+        check_writer_args(sync, segment_size)  # before anything is written
         state = inspect_log(fs, directory, db_id, known_durable=durable_lsn)
         if state.segments and state.segments[0].first_lsn > durable_lsn:
             raise CorruptionError(
@@ -77,6 +78,14 @@ class WriteAheadLog(LogWriter):
         if not state.segments:
             state.segments.append(cls._create_segment(fs, directory, db_id, durable_lsn))
             state.end_lsn = durable_lsn
+        else:
+            # The tail found may be only in the page cache (a process crash):
+            # make it durable before anything states it is (L1, L5).
+            f = fs.open(state.segments[-1].path)
+            try:
+                f.fsync()
+            finally:
+                f.close()
         self = cls(
             fs, directory, db_id, state.segments, segment_size=segment_size, sync=sync, compress_threshold=compress_threshold
         )

@@ -42,6 +42,7 @@ from wal.errors import ClosedError, PoisonedError
 from wal.failpoints import failpoint
 from wal.format import (
     COMPRESS_THRESHOLD,
+    KNOWN_TYPES,
     MAX_PAYLOAD,
     NO_LSN,
     RECORD_HEADER,
@@ -57,10 +58,21 @@ from wal.format import (
 from wal.reader import Segment, read_segment_records
 
 SYNC_MODES = ("full", "normal", "off")
+_U64_MAX = 2**64 - 1
 #: Under sync="normal", written but unsynced log is fsynced at least this often.
 NORMAL_SYNC_INTERVAL = 0.1
 #: Queued bytes that make an appender write them out (keeps memory bounded).
 WRITE_BEHIND_BYTES = 1 << 20
+
+
+def check_writer_args(sync: object, segment_size: object) -> None:
+    """Raise ValueError/TypeError for a bad sync mode or segment size."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+    if not isinstance(segment_size, int) or isinstance(segment_size, bool):
+        raise TypeError(f"segment_size must be an int, not {type(segment_size).__name__}")
+    if segment_size < 4096:
+        raise ValueError(f"segment_size must be an int >= 4096 bytes, not {segment_size}")
 
 
 class LogWriter:
@@ -81,10 +93,7 @@ class LogWriter:
         sync: str = "full",
         compress_threshold: int = COMPRESS_THRESHOLD,
     ) -> None:
-        if sync not in SYNC_MODES:
-            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
-        if not isinstance(segment_size, int) or segment_size < 4096:
-            raise ValueError(f"segment_size must be an int >= 4096, not {segment_size!r}")
+        check_writer_args(sync, segment_size)
         self._fs = fs
         self._dir = directory
         self._db_id = db_id
@@ -154,6 +163,10 @@ class LogWriter:
         """
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"log record payload is {len(payload)} bytes, the limit is {MAX_PAYLOAD}")
+        if rtype not in KNOWN_TYPES:
+            raise ValueError(f"unknown log record type {rtype!r} (expected a wal.format.RecordType)")
+        if not 0 <= txid <= _U64_MAX or not 0 <= prev_lsn <= _U64_MAX:
+            raise ValueError(f"txid and prev_lsn must be unsigned 64-bit integers, got {txid!r}, {prev_lsn!r}")
         stored, flags, pcrc = prepare_payload(payload, self._compress_threshold)
         cond = self._cond
         with cond:
@@ -184,6 +197,8 @@ class LogWriter:
         """
         cond = self._cond
         with cond:
+            if lsn is not None and lsn >= self._next_lsn:
+                raise ValueError(f"LSN {lsn} has not been appended (the log ends at {self._next_lsn})")
             target = self._next_lsn if lsn is None else lsn + 1
             while True:
                 done = self._durable_lsn if sync else self._written_lsn
@@ -213,7 +228,7 @@ class LogWriter:
         synced_to = None
         try:
             synced_to = self._write_out(items, start, sync)
-        except OSError as e:
+        except BaseException as e:  # anything that stops the I/O half-way poisons (L4)
             error = e
         finally:
             self._cond.acquire()
@@ -227,6 +242,8 @@ class LogWriter:
                     self._durable_lsn = synced_to
             self._cond.notify_all()
         if error is not None:
+            if not isinstance(error, OSError):
+                raise error  # e.g. KeyboardInterrupt: the log is poisoned all the same
             raise self._poison from error  # type: ignore[misc]
 
     def _write_out(self, items: list[bytes | int], lsn: int, sync: bool) -> int | None:
@@ -284,7 +301,10 @@ class LogWriter:
     # --- reading ----------------------------------------------------------
 
     def read(self, lsn: int) -> Record:
-        """The record at ``lsn``.  Raises CorruptionError if none is there."""
+        """The record at ``lsn``.  Raises CorruptionError if none is there,
+        ValueError if ``lsn`` is beyond the end of the log."""
+        if lsn >= self._next_lsn:
+            raise ValueError(f"LSN {lsn} is beyond the end of the log ({self._next_lsn})")
         if lsn >= self._written_lsn:
             self.flush(lsn, sync=False)
         for seg in reversed(self.segments()):
