@@ -1,22 +1,29 @@
-"""Quickstart: write records to kvstore's write-ahead log, crash-free reopen,
-read them back.  (The key-value API arrives with the store; this shows the
-layer it stands on.)"""
+"""Quickstart: open a store, write in a transaction, read a snapshot, reopen."""
 
 import tempfile
-import uuid
 
-from pages.fs import OsFileSystem
-from wal import RecordType, WriteAheadLog
+import kvstore
 
-directory = tempfile.mkdtemp(prefix="kvstore-quickstart-")
-db_id = uuid.uuid4().bytes
-log = WriteAheadLog.open(OsFileSystem(), directory, db_id)
-for i in range(3):
-    lsn = log.append(RecordType.NOOP, txid=i + 1, payload=f"record {i}".encode())
-log.flush(lsn)  # returns once everything up to lsn is on stable storage
-log.close()
+path = tempfile.mkdtemp(prefix="kvstore-quickstart-")
 
-log = WriteAheadLog.open(OsFileSystem(), directory, db_id)
-for record in log.records():
-    print(f"LSN {record.lsn:4d}  txid {record.txid}  {record.payload.decode()}")
-log.close()
+with kvstore.open(path) as db:
+    with db.transaction() as tx:  # commits on normal exit, durably (sync="full")
+        tx.put(b"apple", b"3")
+        tx.put(b"banana", b"5")
+        tx.put(b"cherry", b"7")
+
+    snapshot = db.begin(readonly=True)  # sees the store as it is now
+    db.put(b"banana", b"6")  # an autocommit write after the snapshot
+    print("snapshot sees banana =", snapshot.get(b"banana").decode())
+    snapshot.commit()
+
+    def restock(tx):
+        count = int(tx.get(b"apple"))
+        tx.put(b"apple", str(count + 10).encode())
+        return count + 10
+
+    print("apple restocked to", db.run(restock))  # retried on conflicts
+
+with kvstore.open(path) as db:  # reopen: everything committed is there
+    for key, value in db.scan():
+        print(key.decode(), "=", value.decode())
