@@ -68,6 +68,12 @@ def _after_fork_in_child() -> None:
     for db in list(_open_databases):
         db._forked = True
         db._closed = True
+        if db._file_lock is not None:
+            # Drop the inherited descriptor without unlocking (the lock is the
+            # parent's), so the child can open the path once the parent closed.
+            db._file_lock.forget_in_child()
+            db._file_lock = None
+    OsFileSystem.forget_locks_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -194,7 +200,14 @@ class Database:
         names = fs.listdir(path)
         foreign = [n for n in names if not _is_database_file(n)]
         if foreign:
-            raise ValueError(f"{path!r} is not empty and is not a kvstore database (it holds {foreign[:3] or names[:3]})")
+            raise ValueError(f"{path!r} is not empty and is not a kvstore database (it holds {foreign[:3]})")
+        if PAGE_FILE_NAME not in names:
+            if any(parse_segment_name(n) is not None for n in names):
+                raise ValueError(f"{path!r} holds log segments but no page file: it is not a kvstore database")
+            if not create:
+                raise FileNotFoundError(f"no database at {path!r} (and create=False)")
+        elif not self._looks_like_page_file(os.path.join(path, PAGE_FILE_NAME)):
+            raise ValueError(f"{path!r} holds a {PAGE_FILE_NAME} that is not a kvstore page file")
         try:
             self._file_lock = fs.lock(os.path.join(path, LOCK_FILE_NAME))
         except BlockingIOError:
@@ -217,11 +230,8 @@ class Database:
                     self._make_checkpointer()
                     self._restart()
             else:
-                # Creation: the page file first (its existence marks a database),
-                # then the log, then the empty tree and rollback segment.
-                for name in names:
-                    if parse_segment_name(name) is not None:
-                        fs.remove(os.path.join(path, name))  # leftovers of an interrupted creation
+                # Creation: the page file first, atomically (its existence marks
+                # a database), then the log, then the empty tree and rollback segment.
                 db_id = uuid.uuid4().bytes
                 pagefile = PageFile.create(fs, page_path, page_size, db_id)
                 self._wal = WriteAheadLog.open(fs, path, db_id, durable_lsn=0, sync=self.sync, segment_size=self._segment_size())
@@ -231,6 +241,17 @@ class Database:
         except BaseException:
             self._release_files()
             raise
+
+    def _looks_like_page_file(self, page_path: str) -> bool:
+        """Whether the file starts like a kvstore page file (read only)."""
+        from pages.format import META_MAGIC
+
+        f = self._fs.open(page_path)
+        try:
+            head = f.pread(0, 8)
+        finally:
+            f.close()
+        return len(head) < 8 or head[4:8] == META_MAGIC  # short: damaged, let open report it
 
     def _segment_size(self) -> int:
         """A quarter of ``checkpoint_wal_bytes`` (4 KiB to 16 MiB), so that
@@ -312,7 +333,7 @@ class Database:
         transactions are rolled back (prepared ones stay in doubt)."""
         if self._closed:
             if self._forked:
-                return  # never touch the parent's files from a forked child
+                self._raise_closed()  # never touch the parent's files from a forked child
             return
         self._checkpointer.stop()
         with self._latch:
@@ -379,7 +400,7 @@ class Database:
             raise ValueError(f"isolation must be 'snapshot' or 'serializable', not {level!r}")
         with self._latch:
             snap = Snapshot(0, self._next_txid, frozenset(self._writers), self._commit_seq)
-            ssi = self._ssi.begin(0, self._commit_seq, bool(readonly)) if level == "serializable" else None
+            ssi = self._ssi.begin(0, self._commit_seq, bool(readonly), snap) if level == "serializable" else None
             tx = Transaction(self, snap, bool(readonly), level, ssi)
             self._live[tx] = snap
         return tx
@@ -433,10 +454,19 @@ class Database:
         return bool(self.run(lambda tx: tx.delete(key), retries=10))
 
     def scan(self, start: bytes | None = None, stop: bytes | None = None, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) pairs in [start, stop) from one read-only snapshot."""
+        """(key, value) pairs in [start, stop) from one read-only snapshot,
+        taken now (the pairs are read lazily, a leaf at a time)."""
         tx = self.begin(readonly=True)
         try:
-            yield from tx.scan(start, stop, reverse)
+            it = tx.scan(start, stop, reverse)
+        except BaseException:
+            self._end_readonly(tx)
+            raise
+        return self._autocommit_scan(tx, it)
+
+    def _autocommit_scan(self, tx: Transaction, it: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            yield from it
         finally:
             self._end_readonly(tx)
 
@@ -570,13 +600,14 @@ class Database:
             store = self._store
             assert store is not None
             cell = store.tree.get(key)
+            skipped: list[int] = []
             if cell is None:
                 existed = False
             else:
-                existed, _ = visible_version(tx.snapshot, cell, store.undo.read)
+                existed, _ = visible_version(tx.snapshot, cell, store.undo.read, skipped)
             if not existed:
                 if tx.ssi is not None:  # reading "absent" is a read too
-                    self._ssi_call(tx, self._ssi.on_read, tx.ssi, key, () if cell is None else [cell[1]])
+                    self._ssi_call(tx, self._ssi.on_read, tx.ssi, key, skipped)
                 return False
             cell = self._write_precheck(tx, key)
             self._write_version(tx, key, b"", cell, FLAG_DELETED)
@@ -733,6 +764,11 @@ class Database:
             tx.state = PREPARED
             tx.gid = gid
             self._prepared[gid] = tx
+            if ssi is not None:
+                # Prepared means it must be able to commit: for SSI it counts
+                # as committed from now on, so it is never chosen as a victim.
+                self._commit_seq += 1
+                self._ssi.committed(ssi, self._commit_seq)
         try:
             self._wal.flush(lsn)  # prepare is durable in every sync mode
         except PoisonedError as e:

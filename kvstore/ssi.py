@@ -32,7 +32,7 @@ Not thread-safe: the caller holds the engine latch.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from wal.errors import ConflictError
 
@@ -42,11 +42,12 @@ class SsiTxn:
 
     __slots__ = (
         "txid", "snap_seq", "commit_seq", "wrote", "declared_readonly", "ins", "outs",
-        "earliest_out", "doomed", "keys", "ranges", "done",
+        "earliest_out", "doomed", "keys", "ranges", "done", "snapshot",
     )
 
-    def __init__(self, txid: int, snap_seq: int, readonly: bool) -> None:
+    def __init__(self, txid: int, snap_seq: int, readonly: bool, snapshot: Any = None) -> None:
         self.txid = txid  # 0 for a read-only transaction
+        self.snapshot = snapshot  # the MVCC snapshot (kvstore.mvcc.Snapshot), for visibility
         self.snap_seq = snap_seq  # commits finished when its snapshot was taken
         self.commit_seq: int | None = None
         self.wrote = False
@@ -102,8 +103,8 @@ class SsiManager:
         #: test-only canary switch: detect nothing (the isolation checker must notice)
         self.disabled = False
 
-    def begin(self, txid: int, snap_seq: int, readonly: bool) -> SsiTxn:
-        t = SsiTxn(txid, snap_seq, readonly)
+    def begin(self, txid: int, snap_seq: int, readonly: bool, snapshot: Any = None) -> SsiTxn:
+        t = SsiTxn(txid, snap_seq, readonly, snapshot)
         if txid:
             self.by_txid[txid] = t
         self.live.add(t)
@@ -147,8 +148,16 @@ class SsiManager:
 
     @staticmethod
     def _concurrent(reader: SsiTxn, writer: SsiTxn) -> bool:
-        """The reader had not committed when the writer took its snapshot."""
-        return reader.commit_seq is None or reader.commit_seq > writer.snap_seq
+        """The reader's commit is not visible to the writer's snapshot.
+
+        Decided by visibility, not by commit numbers: a commit is numbered when
+        it is decided but becomes visible only once durable, and a transaction
+        beginning in between does not see it."""
+        if reader.commit_seq is None:
+            return True
+        if reader.txid and writer.snapshot is not None:
+            return not writer.snapshot.sees(reader.txid)
+        return reader.commit_seq > writer.snap_seq
 
     def _edge(self, r: SsiTxn, w: SsiTxn, current: SsiTxn, key: bytes) -> None:
         if w not in r.outs:

@@ -168,6 +168,8 @@ class Transaction:
 
     def rollback(self) -> None:
         """Undo every write and end the transaction."""
+        if self.db._closed:
+            self.db._raise_closed()
         if self.state != ACTIVE:
             raise TransactionError(f"transaction is already {self.state}")
         self.db._rollback(self)
@@ -180,11 +182,11 @@ class Transaction:
         self.db._prepare(self, _as_bytes(gid, "gid"))
 
     def _check_active(self) -> None:
-        if self.state != ACTIVE:
-            raise TransactionError(f"transaction is already {self.state}")
         db = self.db
         if db._closed:
             db._raise_closed()
+        if self.state != ACTIVE:
+            raise TransactionError(f"transaction is already {self.state}")
 
     def _check_writable(self) -> None:
         self._check_active()

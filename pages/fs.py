@@ -131,7 +131,11 @@ class FileLock:
     """An exclusive lock on a file, held until ``release()``."""
 
     def release(self) -> None:
-        raise NotImplementedError
+        """Release the lock."""
+
+    def forget_in_child(self) -> None:
+        """In a forked child: drop the inherited handle without unlocking
+        (the lock belongs to the parent)."""
 
 
 class FileSystem:
@@ -277,12 +281,25 @@ class _OsFileLock(FileLock):
                 OsFileSystem._held.discard(self._key)
             os.close(fd)  # closing the descriptor drops the flock
 
+    def forget_in_child(self) -> None:
+        # flock belongs to the open file description the parent shares: closing
+        # our copy of the descriptor leaves the parent's lock in place.
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
 
 class OsFileSystem(FileSystem):
     """The real file system: raw descriptors, pread/pwrite, fsync."""
 
     _locks_guard = threading.Lock()
     _held: set[tuple[int, int]] = set()  # (st_dev, st_ino) of lock files held by this process
+
+    @classmethod
+    def forget_locks_in_child(cls) -> None:
+        """After fork, in the child: the parent's locks are not the child's."""
+        cls._locks_guard = threading.Lock()
+        cls._held = set()
 
     def _open(self, path: str, create: bool) -> File:
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
