@@ -251,7 +251,8 @@ class Database:
             head = f.pread(0, 8)
         finally:
             f.close()
-        return len(head) < 8 or head[4:8] == META_MAGIC  # short: damaged, let open report it
+        # short or zeroed: a damaged meta 0, which the page file falls back from or reports
+        return len(head) < 8 or head[4:8] == META_MAGIC or head == bytes(8)
 
     def _segment_size(self) -> int:
         """A quarter of ``checkpoint_wal_bytes`` (4 KiB to 16 MiB), so that
@@ -279,8 +280,16 @@ class Database:
         )
 
     def _checkpoint_table(self) -> tuple[dict, int]:
-        """The transaction table for CHECKPOINT_BEGIN.  Caller holds the latch."""
-        table = {t.txid: (t.last_undo, t.last_lsn, t.gid if t.state == PREPARED else None) for t in self._writers.values()}
+        """The transaction table for CHECKPOINT_BEGIN.  Caller holds the latch.
+
+        A transaction whose COMMIT is already logged (waiting for group
+        commit) is not in it: that record lies before the checkpoint, so
+        restart from here must treat the transaction as committed."""
+        table = {
+            t.txid: (t.last_undo, t.last_lsn, t.gid if t.state == PREPARED else None)
+            for t in self._writers.values()
+            if t.state != COMMITTING
+        }
         return table, self._next_txid
 
     def _checkpoint_failed(self, err: BaseException) -> None:
@@ -911,6 +920,25 @@ class Database:
                 "tree_depth": store.tree.depth(),
                 **self._recovery,
             }
+
+    def check(self) -> dict[str, Any]:
+        """Walk every page and structure and the log; return what was checked.
+
+        Raises CorruptionError naming the page (or structure) on damage.
+        """
+        from kvstore.check import check
+
+        self._check_open()
+        return check(self)
+
+    def backup(self, dest: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write a consistent copy of the database into directory ``dest``
+        (which must not exist, or be empty) while it stays in use;
+        ``kvstore.open(dest)`` opens it.  Raises ValueError for a bad ``dest``."""
+        from kvstore.backup import backup
+
+        self._check_open()
+        return backup(self, os.fspath(dest))
 
     def _check_structures(self) -> dict[str, int]:
         """Walk the structures and raise AssertionError on a broken invariant."""

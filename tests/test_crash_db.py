@@ -190,3 +190,34 @@ def test_prepared_transaction_survives_power_cuts_in_doubt() -> None:
     assert db.prepared() == []
     assert db.get(b"a") == b"2" and db.get(b"b") == b"new"
     db.close()
+
+
+def test_checkpoint_during_a_commit_wait_does_not_undo_the_commit_after_a_crash() -> None:
+    """Regression: a checkpoint taken while a transaction waits for group
+    commit (its COMMIT already logged) listed it as unfinished, so restart
+    from that checkpoint rolled a committed transaction back."""
+    import threading
+
+    fs = FaultFS(seed=5)
+    db = kvstore.open(DB, _fs=fs, sync="full")
+    db.put(b"before", b"1")
+    waiting, release = threading.Event(), threading.Event()
+    real_wait = db._wal.commit_wait
+
+    def slow_commit_wait(lsn: int) -> None:
+        waiting.set()
+        assert release.wait(10)
+        real_wait(lsn)
+
+    db._wal.commit_wait = slow_commit_wait  # type: ignore[method-assign]
+    tx = db.begin()
+    tx.put(b"committed", b"yes")
+    committer = threading.Thread(target=tx.commit)
+    committer.start()
+    assert waiting.wait(10)
+    db.checkpoint()  # runs inside the commit window
+    release.set()
+    committer.join(10)
+    assert tx.state == "committed"
+    crashed = fs.crash(KeepAll())
+    assert read_all(crashed) == {b"before": b"1", b"committed": b"yes"}
