@@ -114,6 +114,7 @@ class LogWriter:
         self._closed = False
         # guarded by self._seg_lock (the leader rolls while others read):
         self._seg_lock = threading.Lock()
+        self._roll_lock = threading.Lock()  # held while the file is switched, and by sync_written
         self._segments = list(segments)
         self._file = fs.open(last.path)  # used by the leader only
         self._file_first = last.first_lsn
@@ -211,6 +212,30 @@ class LogWriter:
                     continue
                 self._lead(sync)
 
+    def sync_written(self) -> None:
+        """fsync what the OS already has, without holding up writers (the
+        sync="normal" background thread).  Raises PoisonedError if it fails."""
+        with self._roll_lock:
+            with self._cond:
+                if self._poison is not None:
+                    raise self._poison
+                target = self._written_lsn
+                if target <= self._durable_lsn:
+                    return
+                f = self._file
+            try:
+                self.fsyncs += 1
+                f.fsync()  # bytes below target are in this file: earlier segments were synced at their roll (L2)
+            except BaseException as e:
+                with self._cond:
+                    self._poison = PoisonedError(f"write-ahead log fsync failed, the log is read-only until reopened: {e}", e)
+                    self._cond.notify_all()
+                raise self._poison from e
+        with self._cond:
+            if target > self._durable_lsn:
+                self._durable_lsn = target
+            self._cond.notify_all()
+
     def commit_wait(self, lsn: int) -> None:
         """Wait for a commit record at ``lsn`` as the sync mode says:
         ``full`` until it is durable, ``normal`` and ``off`` until the OS has it."""
@@ -292,8 +317,9 @@ class LogWriter:
         except BaseException:
             new.close()
             raise
-        old, self._file, self._file_first = self._file, new, first_lsn
-        old.close()
+        with self._roll_lock:
+            old, self._file, self._file_first = self._file, new, first_lsn
+            old.close()
         with self._seg_lock:
             self._segments[-1].end_lsn = first_lsn
             self._segments.append(Segment(path, first_lsn, first_lsn))
@@ -409,7 +435,7 @@ def _sync_loop(ref: "weakref.ref[LogWriter]", stop: threading.Event) -> None:
             return
         if self._written_lsn > self._durable_lsn:
             try:
-                self.flush(self._written_lsn - 1)
+                self.sync_written()
             except Exception:
                 return  # poisoned: the next append reports it
         del self
