@@ -18,7 +18,10 @@ import sys
 from typing import Any, Callable, TextIO
 
 import kvstore
+from pages.fs import OsFileSystem
 from wal.errors import ClosedError, CorruptionError, DatabaseLockedError, Error
+
+_fs = OsFileSystem()  # even the CLI's look at the directory goes through the seam
 
 
 class UserError(Exception):
@@ -30,11 +33,11 @@ def _text(b: bytes) -> str:
 
 
 def _open_existing(path: str, **kw: Any) -> kvstore.Database:
-    if not os.path.exists(path):
+    if not _fs.exists(path):
         raise UserError(f"no database at {path!r}")
-    if not os.path.isdir(path):
+    if not _fs.is_dir(path):
         raise UserError(f"{path!r} is not a directory, so it is not a database")
-    if not os.path.exists(os.path.join(path, "pages.db")):
+    if not _fs.exists(os.path.join(path, "pages.db")):
         raise UserError(f"{path!r} is not a kvstore database (it has no pages.db)")
     return kvstore.open(path, create=False, **kw)
 
@@ -46,7 +49,7 @@ def cmd_stat(args: argparse.Namespace, out: TextIO) -> int:
     with _open_existing(args.path) as db:
         stats = db.stats()
     stats["path"] = os.path.abspath(args.path)
-    stats["files"] = {name: os.path.getsize(os.path.join(args.path, name)) for name in sorted(os.listdir(args.path))}
+    stats["files"] = {name: _size(os.path.join(args.path, name)) for name in _fs.listdir(args.path)}
     if args.json:
         out.write(json.dumps(stats, sort_keys=True) + "\n")
         return 0
@@ -59,6 +62,14 @@ def cmd_stat(args: argparse.Namespace, out: TextIO) -> int:
     for name, size in stats["files"].items():
         out.write(f"  {name:<28} {size:>12} bytes\n")
     return 0
+
+
+def _size(path: str) -> int:
+    f = _fs.open(path)
+    try:
+        return f.size()
+    finally:
+        f.close()
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
@@ -124,7 +135,7 @@ def cmd_dump(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_load(args: argparse.Namespace, out: TextIO, inp: TextIO) -> int:
     """All or nothing: one transaction, so a bad line changes nothing."""
-    db = kvstore.open(args.path) if not os.path.exists(args.path) or not os.listdir(args.path) else _open_existing(args.path)
+    db = kvstore.open(args.path) if not _fs.exists(args.path) or not _fs.listdir(args.path) else _open_existing(args.path)
     count = 0
     with db:
         tx = db.begin()
