@@ -94,7 +94,7 @@ AppendClr = Callable[..., int]  # (txid, undo_next, ops, prev_lsn) -> LSN
 
 def analyse(wal: Any, checkpoint_lsn: int) -> tuple[dict[int, list[Any]], int, int]:
     """(table of unfinished transactions, largest txid seen, records after
-    the checkpoint).  Raises CorruptionError if the checkpoint record is not
+    the checkpoint other than CHECKPOINT_END -- zero after a clean close).  Raises CorruptionError if the checkpoint record is not
     where the meta says."""
     records = wal.records(checkpoint_lsn)
     first = next(records, None)
@@ -105,6 +105,8 @@ def analyse(wal: Any, checkpoint_lsn: int) -> tuple[dict[int, list[Any]], int, i
     max_txid = next_txid - 1
     scanned = 0
     for rec in records:
+        if rec.type == RecordType.CHECKPOINT_END:
+            continue  # the end of a checkpoint is no work to redo (a clean close leaves only it)
         scanned += 1
         txid = rec.txid
         if not txid:
