@@ -38,6 +38,10 @@ def backup(db: Any, dest: str) -> dict[str, Any]:
     """
     fs = db._fs
     dest = os.fspath(dest)
+    src = os.path.realpath(db.path)
+    real = os.path.realpath(dest)
+    if real == src or real.startswith(src + os.sep):
+        raise ValueError(f"backup destination {dest!r} is inside the database directory {db.path!r}")
     if fs.exists(dest):
         if not fs.is_dir(dest):
             raise ValueError(f"backup destination {dest!r} exists and is not a directory")

@@ -134,8 +134,27 @@ def cmd_dump(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_load(args: argparse.Namespace, out: TextIO, inp: TextIO) -> int:
-    """All or nothing: one transaction, so a bad line changes nothing."""
-    db = kvstore.open(args.path) if not _fs.exists(args.path) or not _fs.listdir(args.path) else _open_existing(args.path)
+    """All or nothing: one transaction, so a bad line changes nothing (and a
+    database this command created is removed again)."""
+    existed = _fs.exists(args.path)
+    created = not existed or not _fs.listdir(args.path)
+    db = kvstore.open(args.path) if created else _open_existing(args.path)
+    try:
+        return _load_into(db, out, inp)
+    except BaseException:
+        if created:
+            _remove_store(args.path, remove_dir=not existed)
+        raise
+
+
+def _remove_store(path: str, remove_dir: bool) -> None:
+    for name in _fs.listdir(path):
+        _fs.remove(os.path.join(path, name))
+    if remove_dir:
+        _fs.rmdir(path)
+
+
+def _load_into(db: kvstore.Database, out: TextIO, inp: TextIO) -> int:
     count = 0
     with db:
         tx = db.begin()

@@ -48,7 +48,7 @@ from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
 from pages.rollback_segment import UNDONE, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
-from wal.errors import ClosedError, ConflictError, DatabaseLockedError, PoisonedError, TransactionError
+from wal.errors import ClosedError, ConflictError, CorruptionError, DatabaseLockedError, PoisonedError, TransactionError
 from wal.format import NO_LSN, RecordType, parse_segment_name
 from wal.log import WriteAheadLog
 
@@ -182,6 +182,8 @@ class Database:
         self._commits_since_purge = 0
         self._poison: BaseException | None = None
         self._checkpointer: Any = None
+        self._damaged = False  # a CorruptionError was raised while open
+        self._end_at_open = 0
         self._open(create, page_size, cache_size)
         self._closed = False
         _open_databases.add(self)
@@ -238,6 +240,7 @@ class Database:
                 self._store = PageStore(pagefile, self._wal, cache_size, None)
                 self._initialise()
             self._recovery["recovery_seconds"] = time.monotonic() - started
+            self._end_at_open = self._wal.end_lsn
         except BaseException:
             self._release_files()
             raise
@@ -350,12 +353,19 @@ class Database:
                 if tx.state == ACTIVE:
                     self._rollback_locked(tx)
             try:
-                if self._poison is None:
+                # No checkpoint when it would change nothing, or when damage was
+                # seen: reading a damaged store must leave it as it was.
+                if self._poison is None and not self._damaged and not self._clean_since_open():
                     self._checkpointer.checkpoint(latch_held=True)
             finally:
                 self._closed = True
                 self._release_files()
         _open_databases.discard(self)
+
+    def _clean_since_open(self) -> bool:
+        """Nothing was logged since open, or since the last checkpoint."""
+        assert self._wal is not None
+        return self._wal.end_lsn == self._end_at_open or self._checkpointer.idle_since_last()
 
     def _release_files(self) -> None:
         for closer in (
@@ -490,6 +500,13 @@ class Database:
         return self._store.undo.read(ptr)
 
     def _get(self, tx: Transaction, key: bytes, default: Any) -> Any:
+        try:
+            return self._get_locked(tx, key, default)
+        except CorruptionError:
+            self._damaged = True
+            raise
+
+    def _get_locked(self, tx: Transaction, key: bytes, default: Any) -> Any:
         ssi = tx.ssi
         with self._latch:
             self._check_open()
@@ -517,31 +534,45 @@ class Database:
         store = self._store
         assert store is not None
         batches = store.tree.scan_batches(start, stop, reverse)
-        snap = tx.snapshot
         while True:
-            with self._latch:
-                if tx.state != ACTIVE:
-                    raise TransactionError(f"transaction is already {tx.state}")
-                self._check_open()
-                batch = next(batches, None)
-                if batch is None:
-                    return
-                out = []
-                read_undo = store.undo.read
-                for key, cell in batch:
-                    if cell[1] == 0 or (cell[1] < snap.horizon and not cell[0] & FLAG_DELETED):
-                        exists, value = True, cell[3]
-                        skipped = None
-                    else:
-                        skipped = [] if ssi is not None else None
-                        exists, value = visible_version(snap, cell, read_undo, skipped)
-                    if skipped:
-                        self._ssi_call(tx, self._ssi.on_read, ssi, key, skipped)
-                    if exists:
-                        if value.__class__ is OverflowRef:
-                            value = store.tree.read_value((0, 0, 0, value))
-                        out.append((key, value))
+            try:
+                out = self._scan_batch(tx, batches)
+            except CorruptionError:
+                self._damaged = True
+                raise
+            if out is None:
+                return
             yield from out
+
+    def _scan_batch(self, tx: Transaction, batches: Iterator[list]) -> list[tuple[bytes, bytes]] | None:
+        """The visible pairs of the next leaf, or None at the end."""
+        ssi = tx.ssi
+        snap = tx.snapshot
+        store = self._store
+        assert store is not None
+        with self._latch:
+            if tx.state != ACTIVE:
+                raise TransactionError(f"transaction is already {tx.state}")
+            self._check_open()
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            out = []
+            read_undo = store.undo.read
+            for key, cell in batch:
+                if cell[1] == 0 or (cell[1] < snap.horizon and not cell[0] & FLAG_DELETED):
+                    exists, value = True, cell[3]
+                    skipped = None
+                else:
+                    skipped = [] if ssi is not None else None
+                    exists, value = visible_version(snap, cell, read_undo, skipped)
+                if skipped:
+                    self._ssi_call(tx, self._ssi.on_read, ssi, key, skipped)
+                if exists:
+                    if value.__class__ is OverflowRef:
+                        value = store.tree.read_value((0, 0, 0, value))
+                    out.append((key, value))
+        return out
 
     def _ssi_call(self, tx: Transaction, fn: Callable[..., None], *args: Any) -> None:
         """Run an SSI check; on ConflictError roll ``tx`` back and re-raise.
@@ -929,7 +960,11 @@ class Database:
         from kvstore.check import check
 
         self._check_open()
-        return check(self)
+        try:
+            return check(self)
+        except CorruptionError:
+            self._damaged = True
+            raise
 
     def backup(self, dest: str | os.PathLike[str]) -> dict[str, Any]:
         """Write a consistent copy of the database into directory ``dest``

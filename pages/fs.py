@@ -182,6 +182,11 @@ class FileSystem:
         self._remove(path)
         self._after_name_change(path)
 
+    def rmdir(self, path: str) -> None:
+        """Remove an empty directory durably (S2)."""
+        self._rmdir(path)
+        self._after_name_change(path)
+
     def fsync_dir(self, path: str) -> None:
         """Make the names in directory ``path`` durable."""
         self._fsync_dir(path)
@@ -221,6 +226,9 @@ class FileSystem:
         raise NotImplementedError
 
     def _fsync_dir(self, path: str) -> None:
+        raise NotImplementedError
+
+    def _rmdir(self, path: str) -> None:
         raise NotImplementedError
 
     def _exists(self, path: str) -> bool:
@@ -316,6 +324,9 @@ class OsFileSystem(FileSystem):
 
     def _remove(self, path: str) -> None:
         os.remove(path)
+
+    def _rmdir(self, path: str) -> None:
+        os.rmdir(path)
 
     def _fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

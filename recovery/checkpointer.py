@@ -80,6 +80,7 @@ class Checkpointer:
         self._on_error = on_error
         self._mutex = threading.Lock()  # one checkpoint at a time
         self.last_lsn = store.pagefile.meta.checkpoint_lsn
+        self.last_end: int | None = None  # the log's end right after the last checkpoint
         self.last_time = time.monotonic()
         self.last_wall_time = time.time()
         self.count = 0
@@ -140,6 +141,7 @@ class Checkpointer:
         failpoint("recovery.checkpoint_before_truncate")
         truncated = wal.truncate_before(begin)
         wal.append(RecordType.CHECKPOINT_END, 0, struct.pack("<Q", begin))
+        self.last_end = wal.end_lsn
         seconds = time.monotonic() - started
         self.last_lsn = begin
         self.last_time = time.monotonic()
@@ -150,6 +152,11 @@ class Checkpointer:
         return {"lsn": begin, "pages_written": written, "seconds": seconds, "wal_bytes_truncated": truncated}
 
     # --- the background trigger ------------------------------------------------
+
+    def idle_since_last(self) -> bool:
+        """Nothing was logged since the last checkpoint (so another would
+        write nothing new)."""
+        return self.last_end is not None and self._wal.end_lsn == self.last_end
 
     def due(self) -> bool:
         wal = self._wal

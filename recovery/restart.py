@@ -8,7 +8,8 @@ CHECKPOINT_BEGIN record there with the transaction table at that moment
    table of unfinished transactions: for each, the head of its undo chain
    (the undo pointer of its last TXN_WRITE, or the undo-next of its last
    CLR), its last LSN, and its global id if it prepared.  COMMIT and ABORT
-   remove a transaction.  The largest transaction id seen sets the next one.
+   remove a transaction.  A CLR after PREPARE means rollback_prepared had
+   begun: the transaction is no longer in doubt, and undo finishes it.  The largest transaction id seen sets the next one.
 2. **Redo** repeats history from the checkpoint LSN: every record carrying
    page ops (PAGE_REDO, TXN_WRITE, CLR) is applied where page LSN < record
    LSN (``pages.redo``).  Losers' changes are redone too.
@@ -120,6 +121,7 @@ def analyse(wal: Any, checkpoint_lsn: int) -> tuple[dict[int, list[Any]], int, i
         elif rtype == RecordType.CLR:
             entry = table.setdefault(txid, [0, NO_LSN, None])
             entry[0], entry[1] = clr_undo_next(rec.payload), rec.lsn
+            entry[2] = None  # a rollback after PREPARE is the decision to abort: finish it
         elif rtype == RecordType.PREPARE:
             entry = table.setdefault(txid, [0, NO_LSN, None])
             entry[1], entry[2] = rec.lsn, bytes(rec.payload)
