@@ -163,7 +163,7 @@ def test_check_counts_the_log_records(tmp_path):
 def test_check_while_writers_run_always_passes(tmp_path):
     """check() concurrent with writers (overflow values, deletes, splits).
     Background checkpoints are off here: check() during a checkpoint's flip
-    is the xfail test below."""
+    has its own test below."""
     db = kvstore.open(str(tmp_path / "db"), checkpoint_wal_bytes=1 << 30, checkpoint_interval=3600)
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -467,8 +467,8 @@ def test_power_cut_at_every_io_point_of_2pc_leaves_in_doubt_or_resolved(action):
     """Cut at each I/O point of prepare / commit_prepared / rollback_prepared;
     after reopening, the transaction is in doubt (and resolving it then by
     rolling back gives the old state) or resolved as decided -- never partial.
-    (Resolving by *commit* after a cut inside rollback_prepared is the xfail
-    test below.)"""
+    (A cut inside rollback_prepared resolves it as rolled back: see
+    test_power_cut_inside_rollback_prepared_never_leaves_a_partial_transaction_in_doubt.)"""
     seed = {"prepare": 1, "commit": 2, "rollback": 3}[action]
     total = io_points_of(action, seed)
     assert total >= 1
