@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import struct
 import threading
 import time
@@ -450,6 +451,9 @@ class Database:
                 attempt += 1
                 if attempt > retries:
                     raise
+                # Back off before retrying: the winner is often still waiting
+                # for its commit to be durable.  Exponential, with jitter.
+                time.sleep(random.random() * min(0.0005 * 2**attempt, 0.05))
             except BaseException:
                 if tx.state == ACTIVE and not self._closed:
                     tx.rollback()
@@ -764,7 +768,10 @@ class Database:
             self._commits_since_purge += 1
             if self._commits_since_purge >= 64:
                 self._commits_since_purge = 0
-                self._purge_locked()
+                # keep up with what was produced: every undo page added since
+                # the last purge, twice over, so a backlog shrinks
+                added = self._store.undo.take_pages_added()  # type: ignore[union-attr]
+                self._purge_locked(max_pages=16 + 2 * added)
         self._checkpointer.poke()
 
     def _finish_commit(self, tx: Transaction) -> None:
@@ -774,7 +781,7 @@ class Database:
             if tx.ssi.commit_seq is None:  # a transaction that wrote nothing
                 self._commit_seq += 1
                 self._ssi.committed(tx.ssi, self._commit_seq)
-            self._ssi.cleanup(min((s.commit_seq for s in self._live.values()), default=None))
+            self._ssi.cleanup()
 
     # --- two-phase commit (participant side) -------------------------------------------
 

@@ -222,11 +222,15 @@ class SsiManager:
         t.done = True
         self._forget(t)
 
-    def cleanup(self, oldest_active_snap_seq: int | None) -> None:
-        """Drop committed transactions no active one is concurrent with."""
-        for t in [t for t in self.live if t.commit_seq is not None]:
-            if oldest_active_snap_seq is None or t.commit_seq <= oldest_active_snap_seq:
-                self._forget(t)
+    def cleanup(self) -> None:
+        """Drop the committed transactions no unfinished serializable one is
+        concurrent with: every live snapshot sees the commit.  Decided by
+        visibility, not commit numbers: a commit is numbered before its log
+        wait, and a snapshot taken during the wait does not see it."""
+        unfinished = [t for t in self.live if not t.done]
+        for c in [t for t in self.live if t.commit_seq is not None and t.done]:
+            if all(not self._concurrent(c, t) for t in unfinished):
+                self._forget(c)
 
     def _forget(self, t: SsiTxn) -> None:
         self.live.discard(t)

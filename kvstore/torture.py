@@ -855,6 +855,7 @@ class _Torture:
     # --- reporting
 
     def violation(self, text: str) -> None:
+        text = " | ".join(line.strip() for line in text.strip().splitlines())  # one line each
         self.violations.append(text)
         where = "at start-up" if self.round < 0 else f"round {self.round}"
         if len(self.violations) <= MAX_REPORTED:
@@ -946,6 +947,9 @@ class _Torture:
         except kvstore.CorruptionError as e:
             self.violation(f"db.check() failed: {e}")
             return False
+        except Exception as e:  # the check itself broke on the damage: a finding too
+            self.violation(f"db.check() failed with {type(e).__name__}: {e}")
+            return False
         self.c["checks"] += 1
         return True
 
@@ -997,42 +1001,55 @@ class _Torture:
         doubt; fold; start a new epoch (ids never repeat across runs)."""
         db = self._open(create=True)
         try:
-            if not self._check(db):
-                raise _Stop
-            kv, foreign = self._read(db)
-            if foreign:
-                raise ValueError(f"{self.path!r} holds keys that torture did not write (e.g. {foreign[0]!r}); "
-                                 "torture runs only on a new directory or one an earlier torture run left")
-            if not kv:
-                tx = db.begin()
-                meta = {"version": FORMAT_VERSION, "accounts": ACCOUNTS, "total": ACCOUNTS * INITIAL_BALANCE,
-                        "lists": LISTS, "epoch": 0, "base": [INITIAL_BALANCE] * ACCOUNTS}
-                tx.put(META_KEY, json.dumps(meta).encode())
-                for a in range(ACCOUNTS):
-                    tx.put(acct_key(a), b"%d" % INITIAL_BALANCE)
-                for k in range(LISTS):
-                    tx.put(list_key(k), format_list(0, []))
-                tx.commit()
-            st = self._state(db)
-            if st.meta and st.meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"{self.path!r} was written by another version of torture ({st.meta.get('version')!r})")
-            for text in verify(st):
-                self.violation(f"the database as found: {text}")
-            rng = random.Random(f"kvstore-torture:{self.seed}:start-up")
-            for gid in db.prepared():
-                if not gid.startswith(GID_PREFIX):
-                    raise ValueError(f"{self.path!r} has a prepared transaction {gid!r} that torture did not make")
-                (db.commit_prepared if rng.random() < 0.5 else db.rollback_prepared)(gid)
-            if self.violations:
-                raise _Stop
-            st = self._state(db)
-            for text in verify(st):
-                self.violation(f"after resolving the transactions in doubt: {text}")
-            if self.violations:
-                raise _Stop
-            self._fold(db, st, new_epoch=True)
+            self._startup(db)
+        except (_Stop, ValueError):
+            raise
+        except Exception as e:  # the engine broke while torture read or resolved what it found
+            tb = traceback.format_exc().strip().splitlines()
+            self.violation(f"checking the database as found failed with {type(e).__name__}: {e} ({' | '.join(tb[-6:])})")
+            raise _Stop from None
         finally:
-            db.close()
+            try:
+                db.close()
+            except Exception as e:
+                self.violation(f"closing the database failed with {type(e).__name__}: {e}")
+                raise _Stop from None
+
+    def _startup(self, db: Any) -> None:
+        if not self._check(db):
+            raise _Stop
+        kv, foreign = self._read(db)
+        if foreign:
+            raise ValueError(f"{self.path!r} holds keys that torture did not write (e.g. {foreign[0]!r}); "
+                             "torture runs only on a new directory or one an earlier torture run left")
+        if not kv:
+            tx = db.begin()
+            meta = {"version": FORMAT_VERSION, "accounts": ACCOUNTS, "total": ACCOUNTS * INITIAL_BALANCE,
+                    "lists": LISTS, "epoch": 0, "base": [INITIAL_BALANCE] * ACCOUNTS}
+            tx.put(META_KEY, json.dumps(meta).encode())
+            for a in range(ACCOUNTS):
+                tx.put(acct_key(a), b"%d" % INITIAL_BALANCE)
+            for k in range(LISTS):
+                tx.put(list_key(k), format_list(0, []))
+            tx.commit()
+        st = self._state(db)
+        if st.meta and st.meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{self.path!r} was written by another version of torture ({st.meta.get('version')!r})")
+        for text in verify(st):
+            self.violation(f"the database as found: {text}")
+        rng = random.Random(f"kvstore-torture:{self.seed}:start-up")
+        for gid in db.prepared():
+            if not gid.startswith(GID_PREFIX):
+                raise ValueError(f"{self.path!r} has a prepared transaction {gid!r} that torture did not make")
+            (db.commit_prepared if rng.random() < 0.5 else db.rollback_prepared)(gid)
+        if self.violations:
+            raise _Stop
+        st = self._state(db)
+        for text in verify(st):
+            self.violation(f"after resolving the transactions in doubt: {text}")
+        if self.violations:
+            raise _Stop
+        self._fold(db, st, new_epoch=True)
 
     # --- rounds
 

@@ -175,6 +175,7 @@ class RollbackSegment:
         self.header = header
         self.capacity = body_capacity(pagefile.page_size) - 8
         self.max_record = self.capacity  # every record fits an empty page
+        self._pages_added = 0  # since take_pages_added() was last called
 
     @classmethod
     def create(cls, pool: Any, pagefile: Any, log_ops: Callable[[list], int]) -> "RollbackSegment":
@@ -207,6 +208,7 @@ class RollbackSegment:
             ops.append((hdr.tail, Op.UNDO_APPEND, _U32.pack(offset) + record))
             return (hdr.tail << 16) | offset
         new = self.pagefile.allocate()
+        self._pages_added += 1
         ops.append((new, Op.IMAGE, op_image(UndoPage(0, record))))
         ops.append((hdr.tail, Op.UNDO_SETNEXT, _U64.pack(new)))
         ops.append((self.header, Op.IMAGE, op_image(UndoHeader(hdr.head, new))))
@@ -227,6 +229,11 @@ class RollbackSegment:
             return ptr
         finally:
             self.pool.end_op()
+
+    def take_pages_added(self) -> int:
+        """Undo pages added since the last call (sizes purge's budget)."""
+        n, self._pages_added = self._pages_added, 0
+        return n
 
     def read(self, ptr: int) -> UndoRecord:
         """The undo record at ``ptr``.  Raises CorruptionError if it is damaged
