@@ -944,6 +944,7 @@ class Database:
                 "last_checkpoint_lsn": self._checkpointer.last_lsn,
                 "last_checkpoint_time": self._checkpointer.last_wall_time,
                 "checkpoint_errors": self._checkpointer.errors,
+                "write_stalls": self._checkpointer.stalls,
                 "last_checkpoint_error": self._checkpointer.last_error,
                 "wal_bytes": sum(s.end_lsn - s.first_lsn for s in segs),
                 "wal_segments": len(segs),

@@ -48,6 +48,7 @@ log = logging.getLogger("kvstore")
 
 BATCH = 64
 POLL_SECONDS = 0.05
+STALL_SECONDS = 10.0  # a write stall never lasts longer than this
 
 #: table_fn() -> ({txid: (last undo, last LSN, gid or None)}, next txid)
 TableFn = Callable[[], tuple[dict, int]]
@@ -79,11 +80,14 @@ class Checkpointer:
         self.wal_bytes = wal_bytes
         self._on_error = on_error
         self._mutex = threading.Lock()  # one checkpoint at a time
+        self._done = threading.Condition()  # notified when a checkpoint ends
+        self.running = False
         self.last_lsn = store.pagefile.meta.checkpoint_lsn
         self.last_end: int | None = None  # the log's end right after the last checkpoint
         self.last_time = time.monotonic()
         self.last_wall_time = time.time()
         self.count = 0
+        self.stalls = 0  # commits that waited for a checkpoint
         self.errors = 0
         self.last_error: str | None = None
         self.last_seconds = 0.0
@@ -98,6 +102,7 @@ class Checkpointer:
         seconds, wal_bytes_truncated).  ``latch_held``: the caller holds the
         engine latch (open and close), so nothing runs concurrently."""
         with self._mutex:
+            self.running = True
             try:
                 return self._run(contextlib.nullcontext() if latch_held else self._latch)
             except BaseException as e:
@@ -107,6 +112,10 @@ class Checkpointer:
                 if self._on_error is not None:
                     self._on_error(e)
                 raise
+            finally:
+                self.running = False
+                with self._done:
+                    self._done.notify_all()
 
     def _run(self, latch: Any) -> dict[str, Any]:
         store, wal = self._store, self._wal
@@ -160,16 +169,32 @@ class Checkpointer:
 
     def due(self) -> bool:
         wal = self._wal
-        grown = wal.end_lsn - self.last_lsn
-        if grown >= self.wal_bytes:
+        if wal.end_lsn - self.last_lsn >= self.wal_bytes:
             return True
-        return grown > 64 and time.monotonic() - self.last_time >= self.interval
+        # by time, only if something was logged since the last checkpoint ended
+        return not self.idle_since_last() and time.monotonic() - self.last_time >= self.interval
 
     def poke(self) -> None:
-        """Called on the commit path: wake the thread at once when the log
-        has grown past ``wal_bytes`` (cheap: two attribute reads)."""
-        if self._wal.end_lsn - self.last_lsn >= self.wal_bytes:
-            self._wake.set()
+        """Called on the commit path, without the latch: wake the thread at
+        once when the log has grown past ``wal_bytes``; past 1.5 times that,
+        while a checkpoint runs, wait for it (a write stall, as RocksDB does:
+        the log stays bounded however slow a checkpoint is).  Cheap when
+        nothing is due: two attribute reads."""
+        grown = self._wal.end_lsn - self.last_lsn
+        if grown < self.wal_bytes:
+            return
+        self._wake.set()
+        stall_at = self.wal_bytes * 3 // 2  # plus a segment below it (a quarter) stays under 2x
+        if grown < stall_at or self._thread is None:
+            return
+        deadline = time.monotonic() + STALL_SECONDS
+        with self._done:
+            while self.running and self._wal.end_lsn - self.last_lsn >= stall_at:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._done.wait(left)
+        self.stalls += 1
 
     def start(self) -> None:
         # The thread holds only a weak reference, so a database dropped
