@@ -46,7 +46,7 @@ from kvstore.transaction import (
 from pages.fs import FileSystem, OsFileSystem
 from pages.node import FLAG_DELETED, OverflowRef, pack_ops
 from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
-from pages.rollback_segment import UNDONE, encode_undo
+from pages.rollback_segment import UNDONE, RollbackSegment, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
 from wal.errors import ClosedError, ConflictError, CorruptionError, DatabaseLockedError, PoisonedError, TransactionError
@@ -890,13 +890,17 @@ class Database:
             budget[0] -= 1
             for r in records:
                 if r.flags & UNDONE:
-                    continue
+                    continue  # undone by a rollback, or already purged before a crash
                 cell = store.tree.get(r.key)
                 if cell is not None and cell[1] == r.txid and cell[0] & FLAG_DELETED:
-                    store.tree.delete(r.key, free_old=True)
+                    store.tree.delete(r.key, free_old=True)  # idempotent: checks the version first
                     self._stats["purged_keys"] += 1
                 if r.value.__class__ is OverflowRef:
-                    store.tree.free_value((0, 0, 0, r.value))
+                    # Free the old value and mark the record in one log record,
+                    # so a crash before the page is freed never frees it twice.
+                    ops: list = []
+                    RollbackSegment.plan_mark_undone(r.ptr, ops)
+                    store.tree.free_value((0, 0, 0, r.value), extra_ops=ops)
             return True
 
         try:

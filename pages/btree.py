@@ -291,9 +291,10 @@ class BTree:
         finally:
             pool.end_op()
 
-    def free_value(self, cell: Cell) -> None:
-        """Free a value's overflow chain (logged); no-op for inline values."""
-        ops: list = []
+    def free_value(self, cell: Cell, extra_ops: list | None = None) -> None:
+        """Free a value's overflow chain (logged, with ``extra_ops`` in the
+        same record); no-op for inline values."""
+        ops: list = list(extra_ops) if extra_ops else []
         self.pool.begin_op()
         try:
             self._plan_free_value(cell, ops)
@@ -341,28 +342,28 @@ class BTree:
             lid = node.next
 
     def _split_leaf(self, node: LeafNode) -> int:
-        """Index at which to split an over-full leaf by bytes."""
-        half = node.size // 2
-        acc = 2
-        for i, (k, c) in enumerate(zip(node.keys, node.cells)):
-            acc += cell_size(k, c)
-            if acc >= half:
-                return max(1, min(i + 1, len(node.keys) - 1))
-        return len(node.keys) // 2
+        """Index at which to split an over-full leaf: where the two halves'
+        bytes are closest.  They then differ by at most one cell (a third of
+        a page body), so both stay above the minimum fill."""
+        sizes = [cell_size(k, c) for k, c in zip(node.keys, node.cells)]
+        return _balanced_split(sizes)
 
     @staticmethod
     def _split_internal(node: InternalNode) -> int:
         """Index of the separator that moves up when splitting an over-full
-        internal node by bytes (keys vary from 1 to 1024 bytes, so the middle
-        index could leave one half over-full)."""
-        half = node.size // 2
-        acc = 10
-        n = len(node.keys)
-        for i, k in enumerate(node.keys):
-            acc += 10 + len(k)
-            if acc >= half:
-                return max(1, min(i, n - 2))
-        return n // 2
+        internal node: the one that balances the halves' bytes best (keys
+        vary from 1 to 1024 bytes, so the middle index could over-fill one)."""
+        sizes = [10 + len(k) for k in node.keys]
+        n = len(sizes)
+        total = sum(sizes)
+        best, best_gap, left = 1, None, 0
+        for m in range(n):  # keys[:m] left, keys[m] up, keys[m+1:] right
+            if 1 <= m <= n - 2:
+                gap = abs(left - (total - left - sizes[m]))
+                if best_gap is None or gap < best_gap:
+                    best, best_gap = m, gap
+            left += sizes[m]
+        return best
 
     def _plan_split(self, path: list[tuple[int, Any]], node: Any, ops: list) -> None:
         """Split ``node`` (the virtual state of the last page of ``path``) and
@@ -522,6 +523,18 @@ class BTree:
             lid = node.next
         assert got == ref.stored, f"overflow chain at {ref.first} holds {got} bytes, expected {ref.stored}"
         return n
+
+
+def _balanced_split(sizes: list[int]) -> int:
+    """The index i in 1..n-1 where sum(sizes[:i]) and sum(sizes[i:]) are closest."""
+    total = sum(sizes)
+    best, best_gap, left = 1, None, 0
+    for i in range(1, len(sizes)):
+        left += sizes[i - 1]
+        gap = abs(2 * left - total)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = i, gap
+    return best
 
 
 __all__ = ["BTree", "MAX_KEY", "MAX_VALUE", "FLAG_DELETED", "OVF_REF_SIZE"]

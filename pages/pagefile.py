@@ -285,11 +285,12 @@ class PageFile:
         """(type, page LSN, body) of page ``lid`` as last written.
 
         Raises CorruptionError naming the page and slot if the bytes fail the
-        validity rule of ``pages.format``; KeyError if it was never written.
+        validity rule of ``pages.format``, or if the page has no written
+        image (a structure refers to a page that was freed or never written).
         """
         slot = self._slot[lid] if 0 < lid < len(self._slot) else 0
         if not slot:
-            raise KeyError(f"page {lid} has no written image")
+            raise CorruptionError(f"{self.path} page {lid}", "referenced, but the page has no written image (freed or never written)")
         self.pages_read += 1
         return decode_page(self._read_slot(slot), lid, self._crc[lid], f"{self.path} page {lid} (slot {slot})")
 
