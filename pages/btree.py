@@ -442,7 +442,8 @@ class BTree:
                 ops.append((parent_lid, Op.INT_SETKEY, op_index_key(li, new_sep)))
                 if parent.size > self.capacity:  # a longer separator can over-fill the parent
                     self._plan_split(path[:level], parent, ops)
-                return
+                    return
+                # a shorter one can leave it under-full: go on rebalancing upward
             node, lid, level = parent, parent_lid, level - 1
         if level == 0 and node.__class__ is InternalNode and not node.keys:
             # root collapse: pull the only child's content up into the root id
@@ -483,7 +484,7 @@ class BTree:
             node = self.pool.get(lid)
             assert node.size <= self.capacity, f"page {lid} over-full: {node.size} > {self.capacity}"
             if lid != self.root:
-                assert node.size >= self.min_fill, f"page {lid} under-full: {node.size} < {self.min_fill}"
+                assert node.size >= self.min_fill, f"page {lid} ({type(node).__name__}, {len(node.keys)} keys) under-full: {node.size} < {self.min_fill}"
             keys = node.keys
             assert all(a < b for a, b in zip(keys, keys[1:])), f"page {lid}: keys out of order"
             if keys:
