@@ -1,7 +1,8 @@
 """Power cuts through the whole store (TESTING.md section 2, SPEC guarantees 1, 2, 6).
 
-A seeded workload of transactions (puts, deletes, overflow values,
-savepoints, rollbacks, checkpoints, reopen) runs on FaultFS with
+A seeded workload of interleaved transactions (a long one open across
+several others, puts, deletes, overflow values, savepoints, rollbacks,
+checkpoints, reopen) runs on FaultFS with
 sync="full".  For every I/O point k the power is cut there, and the
 surviving image is built with several crash plans (drop the unsynced writes,
 keep them, prefixes, omit one, torn, grown-not-written, random subsets).  Then:
@@ -42,7 +43,29 @@ def run_workload(fs: FaultFS, seed: int, acked: list[int], states: list[dict] | 
         states.append(dict(model))
     db = kvstore.open(DB, _fs=fs, sync="full", cache_size=8 * 4096)
     commits = 0
+    # A second transaction stays open across several foreground ones, on keys
+    # of its own, so transactions interleave: its writes are in the log and
+    # the pages (even stolen to disk) while others commit past it.
+    bg = None
+    bg_writes: dict[bytes, bytes] = {}
     for i in range(14):
+        if bg is None and i % 4 == 1:
+            bg, bg_writes = db.begin(), {}
+        if bg is not None:
+            key, value = b"bg%02d" % rng.randrange(6), b"bg%d" % i * rng.choice([1, 300])
+            bg.put(key, value)
+            bg_writes[key] = value
+            if i % 4 == 3:
+                if rng.random() < 0.3:
+                    bg.rollback()
+                else:
+                    bg.commit()
+                    commits += 1
+                    model = {**model, **bg_writes}
+                    acked.append(commits)
+                    if states is not None:
+                        states.append(dict(model))
+                bg = None
         tx = db.begin()
         mine = dict(model)
         keys = [b"k%02d" % rng.randrange(12) for _ in range(rng.randrange(1, 4))]
@@ -74,6 +97,9 @@ def run_workload(fs: FaultFS, seed: int, acked: list[int], states: list[dict] | 
         if i in (4, 9):
             db.checkpoint()
         if i == 11:
+            if bg is not None:
+                bg.rollback()
+                bg = None
             db.close()
             db = kvstore.open(DB, _fs=fs, sync="full", cache_size=8 * 4096)
     db.close()
