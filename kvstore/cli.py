@@ -235,24 +235,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+        return value
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="database directory")
     p.add_argument("--start", help="first key (inclusive)")
     p.add_argument("--stop", help="end key (exclusive)")
-    p.add_argument("--limit", type=_nonnegative_int, help="at most this many pairs")
+    p.add_argument("--limit", type=_int_at_least(0), help="at most this many pairs")
     p.add_argument("--reverse", action="store_true", help="descending order")
 
     p = add("dump", "write every pair as JSON lines with base64 keys and values", "kvstore dump /tmp/db > backup.jsonl", cmd_dump)
@@ -327,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="database directory (created if missing)")
     p.add_argument("--seconds", type=_positive_float, default=60.0, help="stop after this long (default 60)")
-    p.add_argument("--threads", type=_positive_int, default=4, help="writer threads in the child (default 4)")
+    p.add_argument("--threads", type=_int_at_least(1), default=4, help="writer threads in the child (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random decisions (default 0)")
     p.add_argument("--crash-every", type=_positive_float, default=1.0, help="mean seconds between kills (default 1)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
