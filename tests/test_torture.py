@@ -424,3 +424,12 @@ def test_a_leaf_split_next_to_a_big_value_keeps_both_halves_filled(tmp_path):
             db.put(b"c%04d" % i, b"z" * 8)
             i += 1
         assert db.check()["ok"]
+
+
+@pytest.mark.skipif(not os.environ.get("KVSTORE_SOAK"), reason="the 10-minute soak runs with KVSTORE_SOAK=1")
+def test_torture_soak_ten_minutes(tmp_path):
+    """The long tier: `kvstore torture` for 10 minutes, 4 threads."""
+    out, err = io.StringIO(), io.StringIO()
+    status = torture.run(str(tmp_path / "soak"), seconds=600, threads=4, seed=int(os.environ.get("KVSTORE_SOAK_SEED", "1")), out=out, err=err)
+    print(out.getvalue())
+    assert status == 0, err.getvalue()
