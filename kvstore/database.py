@@ -178,7 +178,7 @@ class Database:
         self._live: dict[Transaction, Snapshot] = {}  # every unfinished transaction
         self._prepared: dict[bytes, Transaction] = {}
         self._ssi = SsiManager()
-        self._stats = {"commits": 0, "aborts": 0, "conflicts": 0, "checkpoints": 0, "purged_undo_pages": 0, "purged_keys": 0}
+        self._stats = {"commits": 0, "aborts": 0, "conflicts": 0, "purged_undo_pages": 0, "purged_keys": 0}
         self._recovery: dict[str, Any] = {"recovery_seconds": 0.0}
         self._commits_since_purge = 0
         self._poison: BaseException | None = None

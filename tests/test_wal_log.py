@@ -197,7 +197,7 @@ def test_records_round_trip_through_append_flush_reopen(specs, segment_size):
 def test_records_round_trip_on_the_real_file_system(tmp_path):
     fs = OsFileSystem()
     specs = [
-        (RecordType.BEGIN, 1, b""),
+        (RecordType.PREPARE, 1, b""),
         (RecordType.PAGE_REDO, 1, random.Random(3).randbytes(200_000)),
         (RecordType.PAGE_REDO, 1, b"z" * 150_000),
         (RecordType.COMMIT, 1, b"c"),

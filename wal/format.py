@@ -125,25 +125,19 @@ def decode_segment_header(data: bytes, where: str) -> tuple[bytes, int]:
 class RecordType(enum.IntEnum):
     """Log record types.  Written to disk: never renumber."""
 
-    # transactions (kvstore)
-    BEGIN = 1
+    # transactions (kvstore); 1 is reserved (was BEGIN, never written)
     COMMIT = 2
     ABORT = 3  # rollback finished: every change undone by CLRs
     PREPARE = 4
     CLR = 5  # compensation: redo of an undo step: u64 undo-next, then page ops
-    # pages (physiological redo of page changes)
+    # pages (physiological redo of page changes); 17-20 reserved, never written
     PAGE_REDO = 16
-    PAGE_ALLOC = 17  # redo-only structure changes
-    PAGE_FREE = 18
-    TREE_SMO = 19  # split / merge / root change, a nested top action
-    UNDO_APPEND = 20  # a record added to the rollback segment
     TXN_WRITE = 21  # a transaction's write: u64 undo pointer, then page ops
     # recovery
     CHECKPOINT_BEGIN = 32
     CHECKPOINT_END = 33
     # the log itself
     NOOP = 48  # padding / tests
-    SEGMENT_START = 49
 
 
 RECORD_MAGIC = 0x574B
