@@ -781,7 +781,7 @@ class Database:
             if tx.ssi.commit_seq is None:  # a transaction that wrote nothing
                 self._commit_seq += 1
                 self._ssi.committed(tx.ssi, self._commit_seq)
-            self._ssi.cleanup()
+            self._ssi.made_visible(tx.ssi)
 
     # --- two-phase commit (participant side) -------------------------------------------
 

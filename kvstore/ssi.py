@@ -42,7 +42,7 @@ class SsiTxn:
 
     __slots__ = (
         "txid", "snap_seq", "commit_seq", "wrote", "declared_readonly", "ins", "outs",
-        "earliest_out", "doomed", "keys", "ranges", "done", "snapshot",
+        "earliest_out", "doomed", "keys", "ranges", "done", "visible", "snapshot",
     )
 
     def __init__(self, txid: int, snap_seq: int, readonly: bool, snapshot: Any = None) -> None:
@@ -61,6 +61,9 @@ class SsiTxn:
         self.keys: set[bytes] = set()
         self.ranges: list[tuple[bytes | None, bytes | None]] = []
         self.done = False  # committed or aborted
+        # its commit is visible to new snapshots (it is numbered earlier, at
+        # the decision, and becomes visible once durable)
+        self.visible = False
 
     @property
     def readonly(self) -> bool:
@@ -217,6 +220,12 @@ class SsiManager:
                 if dangerous(i, p):
                     self._abort_for(p if p.commit_seq is None else i, None)
 
+    def made_visible(self, t: SsiTxn) -> None:
+        """``t``'s commit is now visible to every new snapshot; drop what no
+        unfinished transaction needs any more."""
+        t.visible = True
+        self.cleanup()
+
     def aborted(self, t: SsiTxn) -> None:
         """Forget ``t`` at once: an aborted transaction's reads never mattered."""
         t.done = True
@@ -226,9 +235,11 @@ class SsiManager:
         """Drop the committed transactions no unfinished serializable one is
         concurrent with: every live snapshot sees the commit.  Decided by
         visibility, not commit numbers: a commit is numbered before its log
-        wait, and a snapshot taken during the wait does not see it."""
+        wait, and a snapshot taken during the wait does not see it -- nor
+        does one taken later, until the commit is visible, so a commit still
+        in its wait is kept even when nobody concurrent is live yet."""
         unfinished = [t for t in self.live if not t.done]
-        for c in [t for t in self.live if t.commit_seq is not None and t.done]:
+        for c in [t for t in self.live if t.visible]:
             if all(not self._concurrent(c, t) for t in unfinished):
                 self._forget(c)
 
