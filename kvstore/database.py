@@ -49,6 +49,7 @@ from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
 from pages.rollback_segment import UNDONE, RollbackSegment, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
+from wal import canary
 from wal.errors import ClosedError, ConflictError, CorruptionError, DatabaseLockedError, PoisonedError, TransactionError
 from wal.format import NO_LSN, RecordType, parse_segment_name
 from wal.log import WriteAheadLog
@@ -603,7 +604,7 @@ class Database:
             if writer != tx.txid or not writer:
                 if writer in self._writers and writer != tx.txid:
                     self._conflict(tx, key, "write-write", "it was written by a transaction that has not finished")
-                if not tx.snapshot.sees(writer):
+                if not tx.snapshot.sees(writer) and not canary.no_write_conflicts:
                     self._conflict(tx, key, "write-write", "it was changed by a transaction that committed after this one began")
         if tx.ssi is not None:
             self._ssi_call(tx, self._ssi.on_write, tx.ssi, key)

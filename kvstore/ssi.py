@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from wal import canary
 from wal.errors import ConflictError
 
 
@@ -104,7 +105,7 @@ class SsiManager:
         self.range_readers: list[tuple[bytes | None, bytes | None, SsiTxn]] = []
         self.live: set[SsiTxn] = set()  # begun, and kept until nobody concurrent remains
         #: test-only canary switch: detect nothing (the isolation checker must notice)
-        self.disabled = False
+        self.disabled = canary.no_ssi
 
     def begin(self, txid: int, snap_seq: int, readonly: bool, snapshot: Any = None) -> SsiTxn:
         t = SsiTxn(txid, snap_seq, readonly, snapshot)

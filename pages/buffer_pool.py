@@ -21,6 +21,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from pages.pagefile import PageFile
+from wal import canary
 
 
 class Frame:
@@ -126,7 +127,8 @@ class BufferPool:
 
     def _write(self, lid: int, frame: Frame) -> None:
         node = frame.node
-        self._flush_log(node.page_lsn)  # P1
+        if not canary.page_before_log:
+            self._flush_log(node.page_lsn)  # P1
         self.pagefile.write_page(lid, node.ptype, node.page_lsn, node.encode())
         frame.dirty = False
         frame.rec_lsn = 0
@@ -157,7 +159,7 @@ class BufferPool:
     def write_dirty(self) -> int:
         """Write every dirty page (before a flip); return how many."""
         dirty = [(lid, f) for lid, f in self._frames.items() if f.dirty]
-        if dirty:
+        if dirty and not canary.page_before_log:
             self._flush_log(max(f.node.page_lsn for _, f in dirty))  # P1, once for all
         for lid, frame in dirty:
             node = frame.node
@@ -178,7 +180,7 @@ class BufferPool:
             if frame is None or not frame.dirty:
                 continue  # evicted (written by steal) or freed since
             node = frame.node
-            if node.page_lsn >= durable_lsn:
+            if node.page_lsn >= durable_lsn and not canary.page_before_log:
                 later.append(lid)
                 continue
             self.pagefile.write_page(lid, node.ptype, node.page_lsn, node.encode())

@@ -49,6 +49,8 @@ import errno
 import os
 import threading
 
+from wal import canary
+
 __all__ = ["File", "FileSystem", "OsFileSystem", "FileLock"]
 
 
@@ -209,7 +211,7 @@ class FileSystem:
         return self._lock(path)
 
     def _after_name_change(self, path: str) -> None:
-        if not self.skip_dir_fsync:
+        if not (self.skip_dir_fsync or canary.skip_dir_fsync):
             self._fsync_dir(os.path.dirname(os.path.abspath(path)) or "/")
 
     # raw calls, supplied by the implementation
@@ -352,6 +354,9 @@ class OsFileSystem(FileSystem):
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             with self._locks_guard:
+                if canary.second_open:  # the bug: per-process POSIX locks, no in-process set
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return _OsFileLock(fd, key, self)
                 if key in self._held:
                     raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked by this process")
                 # flock locks belong to the open file description, so a second

@@ -58,6 +58,7 @@ from pages.format import (
     encode_page,
     pt_fanout,
 )
+from wal import canary
 from wal.errors import CorruptionError, PoisonedError
 from wal.failpoints import failpoint
 
@@ -399,7 +400,8 @@ class PageFile:
         """Phase 2 (no latch needed): fsync, the meta, fsync (P3)."""
         root_slot, root_crc = state.new_pt[state.depth - 1][0]
         failpoint("pages.before_flip_fsync")
-        self._fsync()  # P3: pages and page-table pages are durable before the meta
+        if not canary.meta_before_pages:
+            self._fsync()  # P3: pages and page-table pages are durable before the meta
         meta = Meta(
             self.page_size,
             self.meta.generation + 1,

@@ -19,3 +19,22 @@ settings.register_profile(
     "soak", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "soak" if os.environ.get("KVSTORE_SOAK") else "dev"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The reliability report (TESTING.md section 9): one block of figures
+    at the end of every run, and JSON in $KVSTORE_REPORT if set."""
+    from kvstore import reliability
+
+    tally = reliability.TALLY
+    if not tally.counts:
+        return
+    terminalreporter.write_sep("=", "reliability")
+    terminalreporter.write_line(tally.render())
+    path = os.environ.get("KVSTORE_REPORT")
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(tally.as_json(), f, indent=2)
+            f.write("\n")

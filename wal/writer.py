@@ -38,6 +38,7 @@ import threading
 import weakref
 from typing import Any, Iterator
 
+from wal import canary
 from wal.errors import ClosedError, PoisonedError
 from wal.failpoints import failpoint
 from wal.format import (
@@ -288,7 +289,15 @@ class LogWriter:
         if sync:
             failpoint("wal.before_fsync")
             self.fsyncs += 1
-            self._file.fsync()  # L1
+            if canary.skip_wal_fsync:
+                pass  # the bug: acknowledged without being durable
+            elif canary.retry_fsync:
+                try:
+                    self._file.fsync()
+                except OSError:
+                    self._file.fsync()  # the bug: Linux reports success, the data is gone
+            else:
+                self._file.fsync()  # L1
             failpoint("wal.after_fsync")
             synced_to = lsn
         return synced_to
