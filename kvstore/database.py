@@ -56,6 +56,9 @@ from wal.log import WriteAheadLog
 
 log = logging.getLogger("kvstore")
 
+#: the wait-line mark of a db.run transaction that is not in a line
+_IN_RUN = object()
+
 LOCK_FILE_NAME = "LOCK"
 SYNC_MODES = ("full", "normal", "off")
 ISOLATION_LEVELS = ("snapshot", "serializable")
@@ -169,6 +172,11 @@ class Database:
         self.checkpoint_wal_bytes = checkpoint_wal_bytes
         self._fs = fs if fs is not None else OsFileSystem()
         self._latch = threading.Lock()
+        # notified (under the latch) whenever a writing transaction finishes
+        self._writer_done = threading.Condition(self._latch)
+        # db.run calls waiting for a key they lost to an unfinished writer, in
+        # arrival order (guarded by the latch)
+        self._lines: dict[bytes, list[object]] = {}
         self._file_lock: Any = None
         self._wal: WriteAheadLog | None = None
         self._store: PageStore | None = None
@@ -433,32 +441,79 @@ class Database:
 
     def run(self, fn: Callable[[Transaction], Any], retries: int = 10) -> Any:
         """Call ``fn(tx)`` in a fresh transaction and commit; on ConflictError
-        retry, up to ``retries`` more times.  Returns ``fn``'s result."""
+        retry, up to ``retries`` more times.  Returns ``fn``'s result.
+
+        A retry after losing a key to a writer that has not finished (often
+        one waiting for its commit to be durable) would lose again at once,
+        so it waits for that writer, in line (first come, first served) with
+        the other ``run`` calls that lost the same key -- as PostgreSQL waits
+        on a row lock.  Any other conflict backs off, exponentially, with
+        jitter.  No wait lasts longer than a second, and nobody waits on a
+        prepared transaction, which may stay in doubt."""
         if not callable(fn):
             raise TypeError(f"run expects a callable, not {type(fn).__name__}")
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         attempt = 0
-        while True:
-            tx = self.begin()
-            try:
-                result = fn(tx)
-                if tx.state == ACTIVE:
-                    tx.commit()
-                return result
-            except ConflictError:
-                if tx.state == ACTIVE:
-                    tx.rollback()
-                attempt += 1
-                if attempt > retries:
+        place: tuple[bytes, object] | None = None  # (key, token) in a wait line
+        try:
+            while True:
+                tx = self.begin()
+                tx._line = _IN_RUN if place is None else place[1]
+                try:
+                    result = fn(tx)
+                    if tx.state == ACTIVE:
+                        tx.commit()
+                    return result
+                except ConflictError as e:
+                    if tx.state == ACTIVE:
+                        tx.rollback()
+                    attempt += 1
+                    if attempt > retries:
+                        raise
+                    if tx._blocked_by and e.key is not None:
+                        if place is None or place[0] != e.key:
+                            self._leave_line(place)
+                            place = self._join_line(e.key)
+                        if self._wait_in_line(place, tx._blocked_by, 1.0):
+                            continue
+                    time.sleep(random.random() * min(0.0005 * 2**attempt, 0.05))
+                except BaseException:
+                    if tx.state == ACTIVE and not self._closed:
+                        tx.rollback()
                     raise
-                # Back off before retrying: the winner is often still waiting
-                # for its commit to be durable.  Exponential, with jitter.
-                time.sleep(random.random() * min(0.0005 * 2**attempt, 0.05))
-            except BaseException:
-                if tx.state == ACTIVE and not self._closed:
-                    tx.rollback()
-                raise
+        finally:
+            self._leave_line(place)
+
+    def _join_line(self, key: bytes) -> tuple[bytes, object]:
+        token = object()
+        with self._writer_done:
+            self._lines.setdefault(key, []).append(token)
+        return key, token
+
+    def _leave_line(self, place: tuple[bytes, object] | None) -> None:
+        if place is None:
+            return
+        key, token = place
+        with self._writer_done:
+            line = self._lines.get(key)
+            if line is not None and token in line:
+                line.remove(token)
+                if not line:
+                    del self._lines[key]
+                self._writer_done.notify_all()
+
+    def _wait_in_line(self, place: tuple[bytes, object], txid: int, timeout: float) -> bool:
+        """Wait until writer ``txid`` has finished and this ``run`` is first
+        in line for the key; False (back off instead) if ``txid`` is
+        prepared or ``timeout`` passed."""
+        key, token = place
+        with self._writer_done:
+            tx = self._writers.get(txid) if txid > 0 else None
+            if tx is not None and tx.state == PREPARED:
+                return False
+            line = self._lines[key]
+            return self._writer_done.wait_for(lambda: (txid < 0 or txid not in self._writers) and line[0] is token, timeout)
 
     # autocommit helpers
     def get(self, key: bytes, default: Any = None) -> Any:
@@ -603,9 +658,15 @@ class Database:
             writer = cell[1]
             if writer != tx.txid or not writer:
                 if writer in self._writers and writer != tx.txid:
+                    tx._blocked_by = writer
                     self._conflict(tx, key, "write-write", "it was written by a transaction that has not finished")
                 if not tx.snapshot.sees(writer) and not canary.no_write_conflicts:
                     self._conflict(tx, key, "write-write", "it was changed by a transaction that committed after this one began")
+        if self._lines and tx._line is not None:  # db.run: no overtaking those in line
+            line = self._lines.get(key)
+            if line and line[0] is not tx._line:
+                tx._blocked_by = -1
+                self._conflict(tx, key, "write-write", "earlier db.run calls are waiting for it (first come, first served)")
         if tx.ssi is not None:
             self._ssi_call(tx, self._ssi.on_write, tx.ssi, key)
         if not tx.txid:
@@ -723,6 +784,7 @@ class Database:
             except PoisonedError:
                 pass  # the log is gone; reopening undoes this transaction
             self._writers.pop(tx.txid, None)
+            self._writer_done.notify_all()
         tx.state = ABORTED
         self._live.pop(tx, None)
         if tx.gid is not None:
@@ -762,6 +824,7 @@ class Database:
             raise
         with self._latch:
             self._writers.pop(tx.txid, None)
+            self._writer_done.notify_all()
             if ssi is None:
                 self._commit_seq += 1
             self._finish_commit(tx)
@@ -851,6 +914,7 @@ class Database:
         self._wal.flush(lsn)
         with self._latch:
             self._writers.pop(tx.txid, None)
+            self._writer_done.notify_all()
             self._commit_seq += 1
             self._finish_commit(tx)
             self._stats["commits"] += 1

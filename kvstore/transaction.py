@@ -74,7 +74,7 @@ class Transaction:
 
     __slots__ = (
         "db", "txid", "snapshot", "readonly", "isolation", "state", "last_undo",
-        "last_lsn", "savepoints", "ssi", "writes", "gid", "_in_with",
+        "last_lsn", "savepoints", "ssi", "writes", "gid", "_in_with", "_blocked_by", "_line",
     )
 
     def __init__(self, db: "Database", snapshot: "Snapshot", readonly: bool, isolation: str, ssi: "SsiTxn | None") -> None:
@@ -91,6 +91,8 @@ class Transaction:
         self.writes = 0
         self.gid: bytes | None = None
         self._in_with = False
+        self._blocked_by = 0  # the unfinished writer a write conflicted with (for db.run; -1: a wait line)
+        self._line: object = None  # db.run's place in a key's wait line (see Database.run)
 
     # --- reads ---------------------------------------------------------------------
 

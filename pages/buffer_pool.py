@@ -55,6 +55,9 @@ class BufferPool:
         self._flush_log = flush_log
         self._decode = decode
         self._frames: OrderedDict[int, Frame] = OrderedDict()
+        # the dirty frames, kept as they change so that a checkpoint need not
+        # walk the whole pool under the latch
+        self._dirty: dict[int, Frame] = {}
         self._op = 0  # the current operation's stamp; odd while one runs
         self._all_pinned = -1  # the operation during which every frame was found pinned
         self.hits = 0
@@ -102,11 +105,12 @@ class BufferPool:
         node.page_lsn = lsn
         frame = self._frames.get(lid)
         if frame is None:
-            self._frames[lid] = Frame(node, True, lsn, self._op)
+            self._frames[lid] = self._dirty[lid] = Frame(node, True, lsn, self._op)
         else:
             frame.node = node
             if not frame.dirty:
                 frame.dirty, frame.rec_lsn = True, lsn
+                self._dirty[lid] = frame
             frame.stamp = self._op
             self._frames.move_to_end(lid)
 
@@ -115,13 +119,15 @@ class BufferPool:
         node.page_lsn = lsn
         frame = self._frames.get(lid)
         if frame is None:  # evicted during this operation: bring the object back
-            self._frames[lid] = Frame(node, True, lsn, self._op)
+            self._frames[lid] = self._dirty[lid] = Frame(node, True, lsn, self._op)
         elif not frame.dirty:
             frame.dirty, frame.rec_lsn = True, lsn
+            self._dirty[lid] = frame
 
     def discard(self, lid: int) -> None:
         """Forget page ``lid`` (it was freed)."""
         self._frames.pop(lid, None)
+        self._dirty.pop(lid, None)
 
     # --- writing -----------------------------------------------------------------
 
@@ -132,6 +138,7 @@ class BufferPool:
         self.pagefile.write_page(lid, node.ptype, node.page_lsn, node.encode())
         frame.dirty = False
         frame.rec_lsn = 0
+        del self._dirty[lid]
 
     def _evict(self) -> None:
         frames = self._frames
@@ -158,7 +165,7 @@ class BufferPool:
 
     def write_dirty(self) -> int:
         """Write every dirty page (before a flip); return how many."""
-        dirty = [(lid, f) for lid, f in self._frames.items() if f.dirty]
+        dirty = list(self._dirty.items())
         if dirty and not canary.page_before_log:
             self._flush_log(max(f.node.page_lsn for _, f in dirty))  # P1, once for all
         for lid, frame in dirty:
@@ -166,6 +173,7 @@ class BufferPool:
             self.pagefile.write_page(lid, node.ptype, node.page_lsn, node.encode())
             frame.dirty = False
             frame.rec_lsn = 0
+            del self._dirty[lid]
         return len(dirty)
 
     def write_some(self, lids: list[int], durable_lsn: int) -> tuple[int, list[int]]:
@@ -186,12 +194,17 @@ class BufferPool:
             self.pagefile.write_page(lid, node.ptype, node.page_lsn, node.encode())
             frame.dirty = False
             frame.rec_lsn = 0
+            del self._dirty[lid]
             written += 1
         return written, later
 
     def dirty_table(self) -> dict[int, int]:
         """{page id: recLSN} of the dirty pages."""
-        return {lid: f.rec_lsn for lid, f in self._frames.items() if f.dirty}
+        return {lid: f.rec_lsn for lid, f in self._dirty.items()}
+
+    def dirty_lids(self) -> list[int]:
+        """The ids of the dirty pages."""
+        return list(self._dirty)
 
     def __len__(self) -> int:
         return len(self._frames)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -369,14 +370,17 @@ class PageFile:
             for level in range(depth):
                 parents: set[int] = set()
                 for index in sorted(level_dirty):
-                    if level == 0:
-                        lo = index * fanout
-                        entries = [(self._slot[i], self._crc[i]) for i in range(lo, min(lo + fanout, nlids))]
+                    if level == 0:  # (slot, crc) pairs, packed in one call
+                        lo, hi = index * fanout, min(index * fanout + fanout, nlids)
+                        flat = [0] * (2 * (hi - lo))
+                        flat[0::2] = self._slot[lo:hi]
+                        flat[1::2] = self._crc[lo:hi]
+                        body = struct.pack(f"<{len(flat)}I", *flat)
                     else:
                         entries = [new_pt[level - 1].get(index * fanout + i, (0, 0)) for i in range(fanout)]
                         while entries and entries[-1] == (0, 0):
                             entries.pop()
-                    body = b"".join(PT_ENTRY.pack(s, c) for s, c in entries)
+                        body = b"".join(PT_ENTRY.pack(s, c) for s, c in entries)
                     data, crc = encode_page(self.page_size, PageType.PAGE_TABLE, 0, self._pt_lid(level, index), body)
                     slot = self._take_slot()
                     state.written.append(slot)
@@ -388,7 +392,8 @@ class PageFile:
             self._free_slots.update(state.written)
             raise
         state.nslots = self._nslots
-        image = {s for s in self._slot if s}
+        image = set(self._slot)
+        image.discard(0)
         for level in new_pt:
             image.update(s for s, _ in level.values())
         state.image = image

@@ -124,13 +124,17 @@ class Checkpointer:
         with latch:
             table, next_txid = self._table_fn()
             begin = wal.append(RecordType.CHECKPOINT_BEGIN, 0, encode_checkpoint(table, next_txid))
-            pending = list(pool.dirty_table())
+            pending = pool.dirty_lids()
         wal.flush()
         written = 0
         while pending:
             with latch:
                 batch, pending = pending[:BATCH], pending[BATCH:]
                 n, later = pool.write_some(batch, wal.durable_lsn)
+            # Hand the latch over: Python's locks are not fair, and without a
+            # pause this thread takes the latch back before a waiting committer
+            # is even scheduled -- commits then starve for the whole loop.
+            time.sleep(0)
             written += n
             if later:
                 wal.flush()

@@ -468,3 +468,66 @@ def test_db_run_default_retries_get_a_contended_counter_through(tmp_path):
         done = int(db.get(b"counter"))
         assert done == THREADS * 25 - failed[0]  # no lost update either way
         assert failed[0] == 0, f"{failed[0]} of {THREADS * 25} db.run calls gave up after 10 retries"
+
+
+def test_db_run_waits_for_the_unfinished_writer_it_lost_to(tmp_path):
+    """db.run's retry after losing to an unfinished writer waits for that
+    writer to finish; retrying at once would lose again.  T1 holds the key
+    uncommitted for 0.3 s; db.run with one retry must get through."""
+    with kvstore.open(tmp_path / "db", sync="off") as db:
+        db.put(b"counter", b"0")
+        t1 = db.begin()
+        t1.put(b"counter", b"100")
+        attempts = []
+
+        def bump(tx):
+            attempts.append(time.monotonic())
+            tx.put(b"counter", b"%d" % (int(tx.get(b"counter")) + 1))
+
+        timer = threading.Timer(0.3, t1.commit)
+        timer.start()
+        try:
+            db.run(bump, retries=1)
+        finally:
+            timer.join()
+        assert int(db.get(b"counter")) == 101
+        assert len(attempts) == 2 and attempts[1] - attempts[0] >= 0.25
+
+
+def test_db_run_does_not_wait_on_a_prepared_writer(tmp_path):
+    """A prepared transaction may stay in doubt indefinitely: db.run backs
+    off and gives up as usual instead of waiting on it."""
+    with kvstore.open(tmp_path / "db", sync="off") as db:
+        db.put(b"k", b"0")
+        t1 = db.begin()
+        t1.put(b"k", b"1")
+        t1.prepare(b"gid-1")
+        t0 = time.monotonic()
+        with pytest.raises(ConflictError):
+            db.run(lambda tx: tx.put(b"k", b"2"), retries=2)
+        assert time.monotonic() - t0 < 0.5
+        db.rollback_prepared(b"gid-1")
+
+
+def test_db_run_serves_a_hot_key_first_come_first_served(tmp_path):
+    """db.run calls that lose a key wait in line for it, and later calls do
+    not overtake them, so 8 threads hammering one counter under sync="full"
+    need at most two retries each: one to join the line, one if a
+    transaction outside db.run took the key meanwhile (none here)."""
+    with kvstore.open(tmp_path / "db", sync="full") as db:
+        db.put(b"counter", b"0")
+        gave_up = [0]
+        errors: list = []
+
+        def worker() -> None:
+            for _ in range(25):
+                try:
+                    db.run(lambda tx: tx.put(b"counter", b"%d" % (int(tx.get(b"counter")) + 1)), retries=2)
+                except ConflictError:
+                    gave_up[0] += 1
+
+        run_threads([worker] * THREADS, errors)
+        assert not errors, errors[0]
+        assert int(db.get(b"counter")) == THREADS * 25 - gave_up[0]
+        assert gave_up[0] == 0, f"{gave_up[0]} of {THREADS * 25} db.run calls gave up after 2 retries"
+        assert not db._lines, "a wait line was left behind"

@@ -3,10 +3,12 @@
 ``append`` only frames the record and queues it in memory (under a short
 lock); it returns the record's LSN.  ``flush(lsn)`` returns once the record at
 ``lsn`` and everything before it is on stable storage.  When many threads
-flush at once, one of them becomes the *leader*: it takes every queued record,
-writes them with one ``pwrite`` per segment, fsyncs once and wakes the others.
-Threads that arrive while the leader is busy queue their records and wait; the
-next leader takes all of them.  So one fsync serves many commits.
+flush at once, one of them becomes the *write leader*: it takes every queued
+record and writes them with one ``pwrite`` per segment; then one becomes the
+*sync leader* and fsyncs once for everything written.  Threads that arrive
+while an fsync runs write their records meanwhile and wait; the next fsync
+covers all of them.  So one fsync serves many commits, and the writing of
+one group overlaps the fsync of the one before.
 
 State machine of the writer::
 
@@ -110,12 +112,13 @@ class LogWriter:
         self._pending: list[bytes | int] = []  # records; an int is a segment roll at that LSN
         self._pending_bytes = 0
         self._roll_base = last.first_lsn  # first LSN of the segment appends go to
-        self._io_busy = False  # a leader is writing
+        self._io_busy = False  # a write leader is writing
+        self._syncing = False  # a sync leader is fsyncing
         self._poison: PoisonedError | None = None
         self._closed = False
         # guarded by self._seg_lock (the leader rolls while others read):
         self._seg_lock = threading.Lock()
-        self._roll_lock = threading.Lock()  # held while the file is switched, and by sync_written
+        self._roll_lock = threading.Lock()  # held while the file is switched, and by the sync leader
         self._segments = list(segments)
         self._file = fs.open(last.path)  # used by the leader only
         self._file_first = last.first_lsn
@@ -194,8 +197,13 @@ class LogWriter:
         """Return once the record at ``lsn`` (default: everything appended)
         and all before it are durable (``sync``) or at least written to the OS.
 
-        Group commit: concurrent callers share one write and one fsync.
-        Raises PoisonedError if this or an earlier I/O failed (L4).
+        Group commit, in two stages that overlap: a *write leader* writes
+        everything queued; a *sync leader* fsyncs everything written.  While
+        one fsync runs, the next records are written and their owners wait
+        for the fsync after it, which covers them all.  Callers that need only
+        the OS to have their record (sync="off" and "normal" commits) never
+        wait for an fsync.  Raises PoisonedError if this or an earlier I/O
+        failed (L4).
         """
         cond = self._cond
         with cond:
@@ -203,104 +211,129 @@ class LogWriter:
                 raise ValueError(f"LSN {lsn} has not been appended (the log ends at {self._next_lsn})")
             target = self._next_lsn if lsn is None else lsn + 1
             while True:
-                done = self._durable_lsn if sync else self._written_lsn
-                if done >= target:
+                if (self._durable_lsn if sync else self._written_lsn) >= target:
                     return
                 if self._poison is not None:
                     raise self._poison
-                if self._io_busy:
-                    cond.wait()
-                    continue
-                self._lead(sync)
+                if self._written_lsn < target:
+                    if self._io_busy:
+                        cond.wait()
+                    else:
+                        self._lead_write()
+                elif self._syncing:
+                    cond.wait()  # it may cover us; if not, the next one will
+                else:
+                    self._lead_sync()
 
     def sync_written(self) -> None:
         """fsync what the OS already has, without holding up writers (the
         sync="normal" background thread).  Raises PoisonedError if it fails."""
-        with self._roll_lock:
-            with self._cond:
-                if self._poison is not None:
-                    raise self._poison
-                target = self._written_lsn
-                if target <= self._durable_lsn:
-                    return
-                f = self._file
-            try:
-                self.fsyncs += 1
-                f.fsync()  # bytes below target are in this file: earlier segments were synced at their roll (L2)
-            except BaseException as e:
-                with self._cond:
-                    self._poison = PoisonedError(f"write-ahead log fsync failed, the log is read-only until reopened: {e}", e)
-                    self._cond.notify_all()
-                raise self._poison from e
         with self._cond:
-            if target > self._durable_lsn:
-                self._durable_lsn = target
-            self._cond.notify_all()
+            if self._poison is not None:
+                raise self._poison
+            if self._syncing or self._written_lsn <= self._durable_lsn:
+                return
+            self._lead_sync()
 
     def commit_wait(self, lsn: int) -> None:
         """Wait for a commit record at ``lsn`` as the sync mode says:
         ``full`` until it is durable, ``normal`` and ``off`` until the OS has it."""
         self.flush(lsn, sync=self.sync == "full")
 
-    def _lead(self, sync: bool) -> None:
-        """Do one round of I/O for everybody.  Caller holds self._cond; it is
-        released during the I/O and held again on return."""
+    def _lead_write(self) -> None:
+        """Write everything queued, for everybody.  Caller holds self._cond;
+        it is released during the I/O and held again on return."""
         items, self._pending = self._pending, []
         self._pending_bytes = 0
         start, end = self._written_lsn, self._next_lsn
         self._io_busy = True
         self._cond.release()
         error: BaseException | None = None
-        synced_to = None
+        rolled_to = None
         try:
-            synced_to = self._write_out(items, start, sync)
+            rolled_to = self._write_out(items, start)
         except BaseException as e:  # anything that stops the I/O half-way poisons (L4)
             error = e
         finally:
             self._cond.acquire()
             self._io_busy = False
-            if error is not None:
-                self._poison = PoisonedError(f"write-ahead log I/O failed, the log is read-only until reopened: {error}", error)
-                self._poison.__cause__ = error
-            else:
+            if error is None:
                 self._written_lsn = end
-                if synced_to is not None and synced_to > self._durable_lsn:
-                    self._durable_lsn = synced_to
-            self._cond.notify_all()
+                if rolled_to is not None and rolled_to > self._durable_lsn:
+                    self._durable_lsn = rolled_to  # the roll fsynced the segments below it (L2)
+            self._finish_io(error, "I/O")
+
+    def _lead_sync(self) -> None:
+        """fsync everything written, for everybody.  Caller holds self._cond;
+        it is released during the fsync and held again on return."""
+        target = self._written_lsn
+        self._syncing = True
+        self._cond.release()
+        error: BaseException | None = None
+        try:
+            with self._roll_lock:  # the file is not switched (and closed) under us
+                # Bytes below target are in this file, or in earlier segments,
+                # which were fsynced when they were rolled (L2).
+                f = self._file
+                failpoint("wal.before_fsync")
+                self.fsyncs += 1
+                if canary.skip_wal_fsync:
+                    pass  # the bug: acknowledged without being durable
+                elif canary.retry_fsync:
+                    try:
+                        f.fsync()
+                    except OSError:
+                        f.fsync()  # the bug: Linux reports success, the data is gone
+                else:
+                    f.fsync()  # L1
+                failpoint("wal.after_fsync")
+        except BaseException as e:  # a failed fsync is never retried (L4)
+            error = e
+        finally:
+            self._cond.acquire()
+            self._syncing = False
+            if error is None and target > self._durable_lsn:
+                self._durable_lsn = target
+            self._finish_io(error, "fsync")
+
+    def _finish_io(self, error: BaseException | None, what: str) -> None:
+        """Wake the waiters; after a failure, poison and raise.  Caller holds
+        self._cond."""
+        if error is not None and self._poison is None:
+            self._poison = PoisonedError(f"write-ahead log {what} failed, the log is read-only until reopened: {error}", error)
+            self._poison.__cause__ = error
+        self._cond.notify_all()
         if error is not None:
             if not isinstance(error, OSError):
                 raise error  # e.g. KeyboardInterrupt: the log is poisoned all the same
             raise self._poison from error  # type: ignore[misc]
 
-    def _write_out(self, items: list[bytes | int], lsn: int, sync: bool) -> int | None:
-        """Write queued items from ``lsn`` on; fsync if ``sync``.  No lock held
-        (only one leader at a time).  Returns the LSN made durable, if any."""
-        synced_to = None
+    def _write_out(self, items: list[bytes | int], lsn: int) -> int | None:
+        """Write queued items from ``lsn`` on, rolling segments where they
+        say.  No lock held (only one write leader at a time).  Returns the LSN
+        up to which a roll made the log durable, if any."""
+        rolled_to = None
         chunk: list[bytes] = []
         for item in items:
             if type(item) is int:
                 lsn = self._write_chunk(chunk, lsn)
                 chunk = []
+                self._mark_written(lsn)
                 self._roll(item)
-                synced_to = item
+                rolled_to = item
             else:
                 chunk.append(item)  # type: ignore[arg-type]
-        lsn = self._write_chunk(chunk, lsn)
-        if sync:
-            failpoint("wal.before_fsync")
-            self.fsyncs += 1
-            if canary.skip_wal_fsync:
-                pass  # the bug: acknowledged without being durable
-            elif canary.retry_fsync:
-                try:
-                    self._file.fsync()
-                except OSError:
-                    self._file.fsync()  # the bug: Linux reports success, the data is gone
-            else:
-                self._file.fsync()  # L1
-            failpoint("wal.after_fsync")
-            synced_to = lsn
-        return synced_to
+        self._write_chunk(chunk, lsn)
+        return rolled_to
+
+    def _mark_written(self, lsn: int) -> None:
+        """The OS has the log below ``lsn``: release the callers that need no
+        more (sync="off" and "normal" commits) before an fsync, which can take
+        long when much was written unsynced."""
+        with self._cond:
+            if lsn > self._written_lsn:
+                self._written_lsn = lsn
+                self._cond.notify_all()
 
     def _write_chunk(self, chunk: list[bytes], lsn: int) -> int:
         if not chunk:
@@ -430,7 +463,7 @@ class LogWriter:
         finally:
             with self._cond:
                 self._closed = True
-                while self._io_busy:
+                while self._io_busy or self._syncing:
                     self._cond.wait()
             self._file.close()
 
