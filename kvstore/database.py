@@ -691,6 +691,10 @@ class Database:
         def log_ops(ops: list) -> int:
             lsn = wal.append(RecordType.TXN_WRITE, tx.txid, _U64.pack(undo_ptr) + pack_ops(ops), tx.last_lsn)
             tx.last_lsn = lsn
+            # Logged means applied and part of the transaction, even if the
+            # put fails after this (a steal's write in end_op): rollback must
+            # undo it.
+            tx.last_undo = undo_ptr
             return lsn
 
         return log_ops
@@ -703,6 +707,7 @@ class Database:
     def _delete(self, tx: Transaction, key: bytes) -> bool:
         with self._latch:
             self._check_open()
+            self._check_writable()
             store = self._store
             assert store is not None
             cell = store.tree.get(key)
@@ -736,7 +741,6 @@ class Database:
         except PoisonedError as e:
             self._poisoned(e)
             raise
-        tx.last_undo = ptr
         tx.writes += 1
 
     # --- rollback ---------------------------------------------------------------------
@@ -781,10 +785,13 @@ class Database:
                 self._undo_locked(tx, 0)
                 assert self._wal is not None
                 self._wal.append(RecordType.ABORT, tx.txid, b"", tx.last_lsn)
+                self._writers.pop(tx.txid, None)
+                self._writer_done.notify_all()
             except PoisonedError:
-                pass  # the log is gone; reopening undoes this transaction
-            self._writers.pop(tx.txid, None)
-            self._writer_done.notify_all()
+                # The log is gone and the undo may not have run: reopening
+                # undoes the transaction.  Until then it stays in the writers
+                # table, so no snapshot sees what it left behind.
+                pass
         tx.state = ABORTED
         self._live.pop(tx, None)
         if tx.gid is not None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from pages.pagefile import PageFile
 from wal import canary
+from wal.errors import PoisonedError
 
 
 class Frame:
@@ -158,7 +159,10 @@ class BufferPool:
             self._all_pinned = op
         for lid, frame in victims:
             if frame.dirty:
-                self._write(lid, frame)  # steal
+                try:
+                    self._write(lid, frame)  # steal
+                except PoisonedError:
+                    continue  # read-only until reopened: keep it, so reads still work
                 self.steals += 1
             del frames[lid]
             self.evictions += 1

@@ -24,6 +24,7 @@ import textwrap
 
 import pytest
 
+from kvstore import reliability
 from pages.faultfs import DropAll, FaultFS, GrownNotWritten
 from pages.fs import OsFileSystem
 from wal import NO_LSN, ClosedError, CorruptionError, PoisonedError, RecordType, WriteAheadLog
@@ -174,11 +175,11 @@ def test_nth_io_error_surfaces_poisons_and_loses_no_acked_record(op, code, every
             assert nth > 1, f"the workload never calls {op}"
             return
         assert fault.fired >= 1
+        reliability.add("io_error_points")  # one per (op, N, once/every, errno) run that failed
         check_recovery_after_power_cut(w, f"{op} #{nth} failed with {errno.errorcode[code]}")
-        nth += 1
-        if every:  # the first matching call fails every time: one run says it all
+        if every:  # that call and every later one fail (SQLite's persistent error), for each N
             figures[f"{op} every-time error runs"] = figures.get(f"{op} every-time error runs", 0) + 1
-            return
+        nth += 1
 
 
 def test_failed_fsync_is_never_retried():
@@ -252,6 +253,7 @@ def test_short_writes_are_continued_and_the_bytes_come_out_right(nbytes):
         w = Workload(fs)
         w.run()
         assert sw.fired == 1
+        reliability.add("io_error_points")  # one per (write N, short size) run
         assert fs.durable_snapshot() == expected, f"short write #{nth} of {nbytes} bytes changed the bytes"
         log = open_log(fs.crash(DropAll()), durable_lsn=w.known_durable)
         assert [key(r) for r in log.records()] == [k for k in w.appended if k[0] >= w.known_durable]
