@@ -915,10 +915,19 @@ class Database:
             self._check_writable()
             tx = self._take_prepared(gid)
             assert self._wal is not None
-            lsn = self._wal.append(RecordType.COMMIT, tx.txid, b"", tx.last_lsn)
+            try:
+                lsn = self._wal.append(RecordType.COMMIT, tx.txid, b"", tx.last_lsn)
+            except PoisonedError as e:
+                self._poisoned(e)
+                raise
             tx.state = COMMITTING
             del self._prepared[tx.gid]  # type: ignore[arg-type]
-        self._wal.flush(lsn)
+        try:
+            self._wal.flush(lsn)
+        except PoisonedError as e:  # the outcome is in doubt again: a reopen finds it prepared or committed
+            with self._latch:
+                self._poisoned(e)
+            raise
         with self._latch:
             self._writers.pop(tx.txid, None)
             self._writer_done.notify_all()
