@@ -822,7 +822,7 @@ class Database:
             tx.state = COMMITTING
             if ssi is not None:  # SSI orders commits at the decision
                 self._commit_seq += 1
-                self._ssi.committed(ssi, self._commit_seq)
+                self._ssi.decided(ssi, self._commit_seq)
         try:
             self._wal.commit_wait(lsn)  # group commit; no latch held
         except PoisonedError as e:
@@ -832,8 +832,6 @@ class Database:
         with self._latch:
             self._writers.pop(tx.txid, None)
             self._writer_done.notify_all()
-            if ssi is None:
-                self._commit_seq += 1
             self._finish_commit(tx)
             self._stats["commits"] += 1
             self._commits_since_purge += 1
@@ -849,10 +847,14 @@ class Database:
         tx.state = COMMITTED
         self._live.pop(tx, None)
         if tx.ssi is not None:
-            if tx.ssi.commit_seq is None:  # a transaction that wrote nothing
+            if tx.ssi.prepare_seq is None:  # a transaction that wrote nothing
                 self._commit_seq += 1
-                self._ssi.committed(tx.ssi, self._commit_seq)
-            self._ssi.made_visible(tx.ssi)
+                self._ssi.decided(tx.ssi, self._commit_seq)
+        # One sequence numbers both SSI decisions and commits becoming
+        # visible (kvstore/ssi.py); snapshots record where it stood.
+        self._commit_seq += 1
+        if tx.ssi is not None:
+            self._ssi.made_visible(tx.ssi, self._commit_seq)
 
     # --- two-phase commit (participant side) -------------------------------------------
 
@@ -886,7 +888,7 @@ class Database:
                 # Prepared means it must be able to commit: for SSI it counts
                 # as committed from now on, so it is never chosen as a victim.
                 self._commit_seq += 1
-                self._ssi.committed(ssi, self._commit_seq)
+                self._ssi.decided(ssi, self._commit_seq)
         try:
             self._wal.flush(lsn)  # prepare is durable in every sync mode
         except PoisonedError as e:
@@ -931,7 +933,6 @@ class Database:
         with self._latch:
             self._writers.pop(tx.txid, None)
             self._writer_done.notify_all()
-            self._commit_seq += 1
             self._finish_commit(tx)
             self._stats["commits"] += 1
 

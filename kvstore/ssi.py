@@ -19,6 +19,17 @@ completes the structure is.  Refinement for read-only T_in (Ports and
 Grittner, "read-only optimisation"): the structure is dangerous only if T_out
 committed before T_in took its snapshot.
 
+Two numbers per commit, from one sequence (as PostgreSQL's prepareSeqNo and
+commitSeqNo): ``prepare_seq`` when the commit is *decided* (the transaction
+passed its checks and can no longer be a victim) and ``commit_seq`` when it
+becomes *visible* to new snapshots, after its log wait.  Group commit wakes
+committers in any order, so visibility order need not follow decision order.
+"T_out committed first" is therefore judged conservatively: T_out counts
+from its decision, the pivot and T_in until they are visible -- T_out came
+later only if it was decided after they were visible.  (Comparing decision
+numbers alone let cycles through when T_out, decided after the pivot, became
+visible before it; the isolation-history checker found it.)
+
 Consequences (the liveness the tests check): a transaction with only incoming
 or only outgoing anti-dependencies always commits, and a read-only one fails
 only when it completes a dangerous structure whose pivot already committed.
@@ -42,29 +53,27 @@ class SsiTxn:
     """The SSI state of one serializable transaction."""
 
     __slots__ = (
-        "txid", "snap_seq", "commit_seq", "wrote", "declared_readonly", "ins", "outs",
-        "earliest_out", "doomed", "keys", "ranges", "done", "visible", "snapshot",
+        "txid", "snap_seq", "prepare_seq", "commit_seq", "wrote", "declared_readonly", "ins", "outs",
+        "earliest_out", "doomed", "keys", "ranges", "done", "snapshot",
     )
 
     def __init__(self, txid: int, snap_seq: int, readonly: bool, snapshot: Any = None) -> None:
         self.txid = txid  # 0 for a read-only transaction
         self.snapshot = snapshot  # the MVCC snapshot (kvstore.mvcc.Snapshot), for visibility
-        self.snap_seq = snap_seq  # commits finished when its snapshot was taken
-        self.commit_seq: int | None = None
+        self.snap_seq = snap_seq  # the sequence when its snapshot was taken
+        self.prepare_seq: int | None = None  # when its commit was decided
+        self.commit_seq: int | None = None  # when its commit became visible
         self.wrote = False
         self.declared_readonly = readonly
         self.ins: set[SsiTxn] = set()  # R -> self
         self.outs: set[SsiTxn] = set()  # self -> W
-        # the earliest commit among committed W with self -> W; kept after W
+        # the earliest decision among decided W with self -> W; kept after W
         # itself is forgotten, so a structure with W as T_out is still seen
         self.earliest_out: int | None = None
         self.doomed: ConflictError | None = None
         self.keys: set[bytes] = set()
         self.ranges: list[tuple[bytes | None, bytes | None]] = []
-        self.done = False  # committed or aborted
-        # its commit is visible to new snapshots (it is numbered earlier, at
-        # the decision, and becomes visible once durable)
-        self.visible = False
+        self.done = False  # decided or aborted
 
     @property
     def readonly(self) -> bool:
@@ -76,18 +85,19 @@ class SsiTxn:
 
 def dangerous(t_in: SsiTxn, pivot: SsiTxn) -> bool:
     """Whether T_in -> pivot -> T_out is a dangerous structure for some
-    committed T_out (the earliest one is the best candidate): T_out committed
-    before the pivot and no later than T_in (T_in may be T_out itself, as in
-    write skew; commit numbers are unique, so equal means the same one)."""
+    decided T_out (the earliest one is the best candidate): T_out committed
+    before the pivot and before T_in (T_in may be T_out itself, as in write
+    skew).  Conservative across the commit window: T_out is later only if
+    it was decided after the pivot (or T_in) became visible."""
     out = pivot.earliest_out
     if out is None:
         return False
-    if pivot.commit_seq is not None and out >= pivot.commit_seq:
+    if pivot.commit_seq is not None and out > pivot.commit_seq:
         return False
     if t_in.commit_seq is not None and out > t_in.commit_seq:
         return False
     if t_in.readonly:
-        return out <= t_in.snap_seq  # read-only refinement
+        return out <= t_in.snap_seq  # read-only refinement (conservative too)
     return True
 
 
@@ -152,7 +162,8 @@ class SsiManager:
 
     @staticmethod
     def _concurrent(reader: SsiTxn, writer: SsiTxn) -> bool:
-        """The reader's commit is not visible to the writer's snapshot.
+        """The reader's commit is not visible to the writer's snapshot
+        (an undecided or decided-but-invisible reader always is).
 
         Decided by visibility, not by commit numbers: a commit is numbered when
         it is decided but becomes visible only once durable, and a transaction
@@ -167,17 +178,17 @@ class SsiManager:
         if w not in r.outs:
             r.outs.add(w)
             w.ins.add(r)
-            if dangerous(r, w):  # w as the pivot: r -> w -> (committed T_out)
-                self._abort_for(w if w.commit_seq is None else r, key)
-            if w.commit_seq is not None:  # r as the pivot: i -> r -> w, w committed
-                _note_out(r, w.commit_seq)
+            if dangerous(r, w):  # w as the pivot: r -> w -> (decided T_out)
+                self._abort_for(w if w.prepare_seq is None else r, key)
+            if w.prepare_seq is not None:  # r as the pivot: i -> r -> w, w decided
+                _note_out(r, w.prepare_seq)
                 for i in list(r.ins):
                     if dangerous(i, r):
-                        self._abort_for(r if r.commit_seq is None else i, key)
+                        self._abort_for(r if r.prepare_seq is None else i, key)
         self._raise_if_doomed(current)
 
     def _abort_for(self, victim: SsiTxn, key: bytes | None) -> None:
-        if victim.commit_seq is not None or victim.doomed is not None:
+        if victim.prepare_seq is not None or victim.doomed is not None:
             return
         victim.doomed = ConflictError(
             f"serialization failure: transaction is the pivot of a dangerous structure"
@@ -205,26 +216,30 @@ class SsiManager:
                 self._abort_for(t, None)
         for p in t.outs:  # t as T_in
             if dangerous(t, p):
-                self._abort_for(p if p.commit_seq is None else t, None)
+                self._abort_for(p if p.prepare_seq is None else t, None)
         self._raise_if_doomed(t)
 
-    def committed(self, t: SsiTxn, commit_seq: int) -> None:
-        """``t`` committed as number ``commit_seq``.  Every p -> t now has a
-        committed T_out; doom p where that makes a dangerous structure."""
-        t.commit_seq = commit_seq
+    def decided(self, t: SsiTxn, seq: int) -> None:
+        """``t`` passed ``check_commit`` and its commit record is logged (or
+        it is prepared): it will commit, as number ``seq`` of the decisions.
+        Every p -> t now has a T_out; doom p where that makes a dangerous
+        structure."""
+        t.prepare_seq = seq
         t.done = True
         if self.disabled:
             return
         for p in list(t.ins):
-            _note_out(p, commit_seq)
+            _note_out(p, seq)
             for i in list(p.ins):
                 if dangerous(i, p):
-                    self._abort_for(p if p.commit_seq is None else i, None)
+                    self._abort_for(p if p.prepare_seq is None else i, None)
 
-    def made_visible(self, t: SsiTxn) -> None:
-        """``t``'s commit is now visible to every new snapshot; drop what no
-        unfinished transaction needs any more."""
-        t.visible = True
+    def made_visible(self, t: SsiTxn, seq: int) -> None:
+        """``t``'s commit is visible to every snapshot taken from now on
+        (number ``seq`` of the sequence); drop what no unfinished transaction
+        needs any more.  Becoming visible only makes structures less
+        dangerous, so nothing is re-checked."""
+        t.commit_seq = seq
         self.cleanup()
 
     def aborted(self, t: SsiTxn) -> None:
@@ -240,7 +255,7 @@ class SsiManager:
         does one taken later, until the commit is visible, so a commit still
         in its wait is kept even when nobody concurrent is live yet."""
         unfinished = [t for t in self.live if not t.done]
-        for c in [t for t in self.live if t.visible]:
+        for c in [t for t in self.live if t.commit_seq is not None]:
             if all(not self._concurrent(c, t) for t in unfinished):
                 self._forget(c)
 
