@@ -219,6 +219,8 @@ class Database:
             if not create:
                 raise FileNotFoundError(f"no database at {path!r} (and create=False)")
         elif not self._looks_like_page_file(os.path.join(path, PAGE_FILE_NAME)):
+            if any(parse_segment_name(n) is not None for n in names):  # a database whose metas are both damaged
+                raise CorruptionError(os.path.join(path, PAGE_FILE_NAME), "neither meta page carries the kvstore magic, though the directory holds log segments")
             raise ValueError(f"{path!r} holds a {PAGE_FILE_NAME} that is not a kvstore page file")
         try:
             self._file_lock = fs.lock(os.path.join(path, LOCK_FILE_NAME))
@@ -229,9 +231,19 @@ class Database:
             page_path = os.path.join(path, PAGE_FILE_NAME)
             if fs.exists(page_path):
                 pagefile = PageFile.open(fs, page_path)
-                self._wal = WriteAheadLog.open(
-                    fs, path, pagefile.db_id, durable_lsn=pagefile.meta.checkpoint_lsn, sync=self.sync, segment_size=self._segment_size()
-                )
+                try:
+                    self._wal = WriteAheadLog.open(
+                        fs, path, pagefile.db_id, durable_lsn=pagefile.meta.checkpoint_lsn, sync=self.sync, segment_size=self._segment_size()
+                    )
+                except CorruptionError as e:
+                    pagefile.close()
+                    if pagefile.meta_damage:  # the log does not fit the older meta: the newer one is damaged
+                        raise CorruptionError(page_path, f"a meta page is damaged ({pagefile.meta_damage}); the older meta's log does not fit it: {e}") from e
+                    if e.where == path:  # the log as a whole does not fit the meta (not one damaged segment)
+                        raise CorruptionError(
+                            page_path, f"its meta page (checkpoint LSN {pagefile.meta.checkpoint_lsn}) does not fit the log, a stale page file or a lost segment: {e}"
+                        ) from e
+                    raise
                 self._store = PageStore(pagefile, self._wal, cache_size, None)
                 if PageStore.roots_of(pagefile.meta.app) == (0, 0):
                     self._initialise()  # a creation that a crash interrupted
@@ -252,7 +264,7 @@ class Database:
             self._recovery["recovery_seconds"] = time.monotonic() - started
             self._end_at_open = self._wal.end_lsn
         except BaseException:
-            self._release_files()
+            self._release_files(flush=False)  # a refused open writes nothing more
             raise
 
     def _looks_like_page_file(self, page_path: str) -> bool:
@@ -262,10 +274,12 @@ class Database:
         f = self._fs.open(page_path)
         try:
             head = f.pread(0, 8)
+            # meta 1 is one page in; the page size is in the metas, so try each
+            seconds = [f.pread(size + 4, 4) for size in (512 << i for i in range(8))]
         finally:
             f.close()
         # short or zeroed: a damaged meta 0, which the page file falls back from or reports
-        return len(head) < 8 or head[4:8] == META_MAGIC or head == bytes(8)
+        return len(head) < 8 or head[4:8] == META_MAGIC or head == bytes(8) or META_MAGIC in seconds
 
     def _segment_size(self) -> int:
         """A quarter of ``checkpoint_wal_bytes`` (4 KiB to 16 MiB), so that
@@ -377,9 +391,9 @@ class Database:
         assert self._wal is not None
         return self._wal.end_lsn == self._end_at_open or self._checkpointer.idle_since_last()
 
-    def _release_files(self) -> None:
+    def _release_files(self, flush: bool = True) -> None:
         for closer in (
-            (lambda: self._wal.close()) if self._wal is not None else None,
+            (lambda: self._wal.close(flush)) if self._wal is not None else None,
             (lambda: self._store.close()) if self._store is not None else None,
             (lambda: self._file_lock.release()) if self._file_lock is not None else None,
         ):

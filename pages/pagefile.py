@@ -82,6 +82,7 @@ class PageFile:
         self.db_id = meta.db_id
         self.meta = meta  # the durable meta
         self._meta_slot = meta_slot  # where the durable meta lives
+        self.meta_damage = ""
         self._fanout = pt_fanout(self.page_size)
         # the current page table, indexed by logical id
         self._slot: list[int] = [0]
@@ -141,8 +142,10 @@ class PageFile:
         """
         f = fs.open(path)
         try:
-            meta, slot = cls._read_metas(f, path)
+            meta, slot, damage = cls._read_metas(f, path)
             self = cls(fs, path, f, meta, slot)
+            #: why a meta page was passed over, if one was (for error messages)
+            self.meta_damage = damage
             self._load_page_table()
         except BaseException:
             f.close()
@@ -150,7 +153,7 @@ class PageFile:
         return self
 
     @staticmethod
-    def _read_metas(f: Any, path: str) -> tuple[Meta, int]:
+    def _read_metas(f: Any, path: str) -> tuple[Meta, int, str]:
         found: list[tuple[int, int, Meta]] = []
         errors = []
         try:
@@ -175,7 +178,7 @@ class PageFile:
         if len(found) == 2 and found[0][2].db_id != found[1][2].db_id:
             raise CorruptionError(path, "the two meta pages name different databases")
         gen, slot, meta = max(found, key=lambda t: t[0])
-        return meta, slot
+        return meta, slot, "; ".join(errors)
 
     def _load_page_table(self) -> None:
         meta = self.meta

@@ -11,6 +11,12 @@ Faults: a flipped bit in every non-meta slot, a zeroed slot, a page's bytes
 copied over another page's slot (misdirected write), an older valid image of
 a page put back in its slot (lost write), a truncated file, both meta pages
 damaged.  (One damaged meta falls back to the other: test_pages_powercut.py.)
+
+Every fault's outcome goes to the reliability report (TESTING.md 9):
+``corruption_detected`` / ``corruption_harmless`` (``corruption_silent`` stays
+zero: a silent outcome fails the test first), and a refused open that changed
+a file to ``refused_open_changed_files``.  The whole store's matrix is
+tests/test_reliability_corruption.py.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections import Counter
 
 import pytest
 
+from kvstore import reliability
 from pagehelpers import (
     PAGES,
     Workload,
@@ -67,8 +74,10 @@ def read_everything(files, state):
     model, undo = state
     fs = fs_with(files)
     before = fs.snapshot()
+    opened = False
     try:
         store = open_image(fs)
+        opened = True
         seen = 0
         for key, cell in store.tree.scan():
             assert key in model, f"a key the model does not have: {key!r}"
@@ -86,7 +95,10 @@ def read_everything(files, state):
         check_store(store)
         return "harmless"
     finally:
-        assert fs.snapshot() == before, "reading a damaged page file changed a file"
+        changed = fs.snapshot() != before
+        if changed and not opened:
+            reliability.add("refused_open_changed_files")
+        assert not changed, "reading a damaged page file changed a file"
 
 
 def expect_detected(files, state, slot):
@@ -95,6 +107,7 @@ def expect_detected(files, state, slot):
     msg = str(info.value)
     assert re.search(rf"slot {slot}\b", msg), f"the error does not name slot {slot}: {msg}"
     assert re.search(r"page \d+|page-table page", msg)
+    reliability.add("corruption_detected")
     return msg
 
 
@@ -113,10 +126,11 @@ def test_flipped_bit_in_any_page_is_detected_or_harmless_never_wrong(store_files
         for bit in header + body + [(PS - 1) * 8 + rng.randrange(8)]:  # ... and the last byte's padding
             damaged = {**files, PAGES: flip_bit(data, slot * PS * 8 + bit)}
             if slot in used:
-                expect_detected(damaged, state, slot)
+                expect_detected(damaged, state, slot)  # (counts it in the report)
                 outcomes["detected"] += 1
             else:
                 assert read_everything(damaged, state) == "harmless"
+                reliability.add("corruption_harmless")
                 outcomes["harmless (free slot)"] += 1
     print(f"\nbit flips: {dict(outcomes)} over {nslots - 2} slots")
     assert outcomes["detected"] >= 8 * len(img.pages)
@@ -172,6 +186,9 @@ def test_both_metas_damaged_raise_corruption_error_on_open_and_change_nothing(st
         before = fs.snapshot()
         with pytest.raises(CorruptionError, match="both meta pages are damaged"):
             open_image(fs)
+        reliability.add("corruption_detected")
+        if fs.snapshot() != before:
+            reliability.add("refused_open_changed_files")
         assert fs.snapshot() == before
 
 
@@ -182,5 +199,10 @@ def test_metas_of_two_different_databases_raise_corruption_error(store_files):
     meta.db_id = b"another-database"
     data = replace_at(files[PAGES], slot * PS, meta.encode())
     fs = fs_with({**files, PAGES: data})
+    before = fs.snapshot()
     with pytest.raises(CorruptionError, match="different databases"):
         open_image(fs)
+    reliability.add("corruption_detected")
+    if fs.snapshot() != before:
+        reliability.add("refused_open_changed_files")
+    assert fs.snapshot() == before

@@ -450,15 +450,17 @@ class LogWriter:
                 self._segments.pop(0)
             removed += nxt.first_lsn - victim.first_lsn
 
-    def close(self) -> None:
-        """Flush everything (if not poisoned) and close.  Idempotent."""
+    def close(self, flush: bool = True) -> None:
+        """Flush everything (if not poisoned and ``flush``) and close.
+        ``flush=False`` drops what is queued and not yet written (a refused
+        open must change nothing on disk).  Idempotent."""
         if self._closed:
             return
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join()
         try:
-            if self._poison is None:
+            if self._poison is None and flush:
                 self.flush()
         finally:
             with self._cond:
