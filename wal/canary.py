@@ -31,8 +31,7 @@ page_before_log = False
 #: write the meta page without first fsyncing the pages it references
 #: (pages/pagefile.py, P3)
 meta_before_pages = False
-#: accept pages and log records without verifying their checksums
-#: (pages/format.py, wal/format.py)
+#: accept pages without verifying their checksums (pages/format.py)
 skip_checksum = False
 #: after an fsync fails, retry it and carry on (wal/writer.py, L4): on Linux
 #: the retry "succeeds" with the data already dropped
