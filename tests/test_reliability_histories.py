@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import pytest
 
 import kvstore
+from commitwindow import CommitWindow
 from elle import FAIL, OK, Recorder, Txn, check, write_elle
 from kvstore import ConflictError, reliability
 from wal import canary
@@ -335,43 +336,6 @@ def test_history_shows_only_what_the_level_allows(tmp_path, request, w):
 
 
 # --- a bug found and fixed, deterministically -----------------------------------------------------------------
-
-
-class CommitWindow:
-    """Hold one transaction's ``commit()`` inside its wait for the log: the
-    commit is decided and numbered, not yet visible.  Test-side
-    instrumentation of ``db._wal.commit_wait``."""
-
-    def __init__(self, db) -> None:
-        self.wal = db._wal
-        self.real_wait = self.wal.commit_wait
-        self.waiting, self.released = threading.Event(), threading.Event()
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def _held_wait(self, lsn):
-        if threading.current_thread() is self.thread:
-            self.waiting.set()
-            self.released.wait(10)
-        return self.real_wait(lsn)
-
-    def commit_in_background(self, tx) -> None:
-        def commit():
-            try:
-                tx.commit()
-            except BaseException as e:
-                self.error = e
-
-        self.wal.commit_wait = self._held_wait
-        self.thread = threading.Thread(target=commit, name="held-commit")
-        self.thread.start()
-        assert self.waiting.wait(10), "the commit never reached the log wait"
-
-    def release(self) -> None:
-        self.released.set()
-        if self.thread is not None:
-            self.thread.join(10)
-        self.wal.commit_wait = self.real_wait
 
 
 def test_serializable_commit_visible_before_an_earlier_decided_one(tmp_path, request):

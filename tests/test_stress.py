@@ -34,6 +34,7 @@ import time
 import pytest
 
 import kvstore
+from commitwindow import CommitWindow
 from kvstore import ConflictError
 
 THREADS = 8
@@ -275,45 +276,6 @@ def test_serializable_write_skew_with_the_deterministic_pair_is_prevented(tmp_pa
         with pytest.raises(ConflictError):
             t2.commit()
         assert int(db.get(b"a1")) + int(db.get(b"a2")) == 50
-
-
-class CommitWindow:
-    """Hold T1's ``commit()`` inside its wait for the log (group commit
-    releases the latch there: the commit is decided and numbered but not yet
-    visible), until ``release()``.  Test-only instrumentation of the WAL
-    object; the engine is not changed."""
-
-    def __init__(self, db) -> None:
-        self.wal = db._wal
-        self.real_wait = self.wal.commit_wait
-        self.waiting, self.released = threading.Event(), threading.Event()
-        self.outcome: dict = {}
-        self.thread: threading.Thread | None = None
-
-    def _slow_commit_wait(self, lsn):
-        if threading.current_thread() is self.thread:
-            self.waiting.set()
-            self.released.wait(10)
-        return self.real_wait(lsn)
-
-    def commit_in_background(self, tx) -> None:
-        def commit():
-            try:
-                tx.commit()
-                self.outcome["t1"] = "committed"
-            except ConflictError as e:
-                self.outcome["t1"] = e
-
-        self.wal.commit_wait = self._slow_commit_wait
-        self.thread = threading.Thread(target=commit, name="t1-commit")
-        self.thread.start()
-        assert self.waiting.wait(10), "T1's commit never reached the log wait"
-
-    def release(self) -> None:
-        self.released.set()
-        if self.thread is not None:
-            self.thread.join(10)
-        self.wal.commit_wait = self.real_wait
 
 
 def _skew_across_commit_window(tmp_path, t2_reads_in_window: bool, commit_before_t2: bool = False) -> None:
