@@ -16,7 +16,8 @@ keep them, prefixes, omit one, torn, grown-not-written, random subsets).  Then:
    restart itself, and restarting once more ends in the same state
    (idempotent recovery).
 
-The counts are printed (run with -s to see them) for the report.
+The counts are printed (run with -s to see them) and added to the
+reliability report.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import random
 import pytest
 
 import kvstore
+from kvstore import reliability
 from pages.faultfs import DropAll, FaultFS, KeepAll, PowerCut
 
 DB = "/db"
@@ -120,6 +122,8 @@ def matching_prefix(data: dict, states: list[dict], acked: int, where: str) -> i
         if states[j] == data:
             return j
     earlier = [j for j in range(acked) if states[j] == data]
+    if earlier:
+        reliability.add("acked_lost", acked - earlier[-1])
     raise AssertionError(
         f"{where}: state after recovery is no prefix that includes the {acked} acknowledged commits"
         + (f" (it equals the state after {earlier[-1]} commits: a committed transaction was lost)" if earlier else "")
@@ -163,10 +167,14 @@ def test_power_cut_at_every_io_point_loses_no_acknowledged_commit(seed: int) -> 
             except Exception as e:  # open must never fail after a power cut
                 raise AssertionError(f"{where}: reopen failed: {e!r}") from e
             j = matching_prefix(data, states, n_acked, where)
+            reliability.add("acked_verified", n_acked)
             checked += 1
             if (SOAK or k % 9 == 0) and isinstance(plan, (DropAll, KeepAll)):
                 nested += check_crash_during_recovery(crashed, states[j], where)
     print(f"\n[crash-db] seed {seed}: {points} crash points, {checked} crash states, {nested} nested recovery crashes checked")
+    reliability.add("crash_points", points)
+    reliability.add("crash_states", checked)
+    reliability.add("nested_crashes", nested)
     assert points > 50 and checked >= points
 
 

@@ -19,6 +19,7 @@ from collections import Counter
 
 import pytest
 
+from kvstore import reliability
 from pagehelpers import (
     PAGES,
     Workload,
@@ -112,6 +113,8 @@ CRASH_RUNS = [
 def test_power_cut_at_every_io_point_leaves_exactly_the_last_flipped_image(seed, page_size, work_args):
     """P2-P4 under power cuts: every I/O point, a sample of every kind of plan."""
     stats = check_crash_states(seed, page_size, work_args, per_kind=2)
+    reliability.add("crash_points", stats["points"])
+    reliability.add("crash_states", stats["states"])
     print(
         f"\npage-file power cuts (seed {seed}, {page_size}-byte pages): {stats['points']} I/O points, "
         f"{stats['states']} crash states checked; {dict(stats)}"

@@ -25,6 +25,7 @@ import random
 
 import pytest
 
+from kvstore import reliability
 from pages.faultfs import (
     DropAll,
     FaultFS,
@@ -55,8 +56,20 @@ ALL_KINDS = {DropAll, KeepAll, Prefix, OmitOne, Subset, Torn, GrownNotWritten}
 totals: dict[str, int] = {}
 
 
+#: this file's counts -> the reliability report's figures (kvstore/reliability.py)
+REPORTED = {
+    "crash points": "crash_points",
+    "crash states checked": "crash_states",
+    "nested recovery crash states checked": "nested_crashes",
+    "acknowledged commit records verified": "acked_verified",
+    "acknowledged commit records lost": "acked_lost",
+}
+
+
 def count(name: str, n: int = 1) -> None:
     totals[name] = totals.get(name, 0) + n
+    if name in REPORTED:
+        reliability.add(REPORTED[name], n)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -173,7 +186,9 @@ def check_recovered(fs: FaultFS, run: Run, what: str) -> tuple[list[tuple], bool
     if run.truncated_at is not None:
         acked_keys = [k for k in acked_keys if k[0] >= run.known_durable]
     missing = [k[0] for k in acked_keys if k not in got]
+    count("acknowledged commit records lost", sum(1 for k in acked_keys if k not in got and k[1] == RecordType.COMMIT))
     assert not missing, f"{what}: acknowledged records lost at LSNs {missing}"
+    count("acknowledged commit records verified", sum(1 for k in acked_keys if k[1] == RecordType.COMMIT))
     cut = log.opened_state.cut
     log.close()
     again = open_log(fs, durable_lsn=run.known_durable)
