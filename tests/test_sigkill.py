@@ -33,6 +33,12 @@ is durable and whole.
 SIGKILL keeps the page cache, so this tests process crashes; power cuts are
 tests/test_crash_db.py's job.  ``KVSTORE_SOAK=1`` runs many more rounds
 (``KVSTORE_SIGKILL_ROUNDS`` sets the number).  Run with ``-s`` to see the figures.
+
+The reliability report (TESTING.md section 9) gets "sigkill_rounds" (loop
+rounds, each a kill -- sometimes two -- then a verification; and each SIGKILL
+of the prepared-transaction test), "acked_verified" (distinct acknowledged
+transfers whose markers every later verification found) and "acked_lost"
+(acknowledged transfers missing at a verification: must be 0).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from collections import Counter
 import pytest
 
 import kvstore
-from kvstore import ConflictError
+from kvstore import ConflictError, reliability
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -247,6 +253,7 @@ def check_bank(db: kvstore.Database, side: SideLog, pending: dict[str, str] | No
     for tid, desc in markers.items():
         assert desc == side.begun[tid], f"marker {tid} = {desc!r}, begun as {side.begun[tid]!r}"
     lost = set(side.acked) - present
+    reliability.add("acked_lost", len(lost))
     assert not lost, f"acked transfers lost (durability): {sorted(lost)[:10]} of {len(side.acked)}"
     for tid in pending or {}:
         assert tid not in present, f"the in-doubt transfer {tid} is visible"
@@ -405,10 +412,12 @@ def sigkill_loop(tmp_path, rounds: int) -> tuple[Counter, SideLog]:
             except AssertionError as e:
                 raise AssertionError(f"round {rnd} ({cur.kind}, failpoints {cur.failpoints or cur.second_failpoints!r}): {e}") from None
             figures["rounds"] += 1
+            reliability.add("sigkill_rounds", 1)
     finally:
         nxt.abandon()
     figures["begun transfers"] = len(side.begun)
     figures["acked transfers verified"] = len(side.acked)
+    reliability.add("acked_verified", len(side.acked))
     return figures, side
 
 
@@ -504,4 +513,8 @@ def test_prepared_transaction_survives_sigkill_and_kills_during_restart(tmp_path
         else:
             assert "prep.1" not in markers
         db.put(acct(0), b"%d" % balances[0])  # the keys are free again
+    # five SIGKILLs (the preparing child, two restarts at failpoints, a timed
+    # one in open, the resolving child), each followed by a recovery
+    reliability.add("sigkill_rounds", 5)
+    reliability.add("acked_verified", len(side.acked))
     print(f"\nprepared across SIGKILL ({decision}): 1 prepare, 2 kills at failpoints in restart, a timed kill {'inside' if k3_in_open else 'after'} open, {len(side.acked)} acked verified, lost 0")

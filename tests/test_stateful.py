@@ -28,6 +28,27 @@ committed data, every open snapshot-isolation transaction must still see its
 own view (purge and later commits must not disturb it), and every few steps
 ``db._check_structures()`` walks the B+tree, the page file and the undo chain.
 
+Durability and two-phase commit are in the model too.  Three examples in four
+run on ``FaultFS`` (``pages/faultfs.py``) with ``sync="full"``, the fourth on
+real files with ``sync="off"``; on FaultFS a *power cut* cuts the power
+between steps, or in the middle of a commit, a checkpoint or a
+``commit_prepared``/``rollback_prepared`` (``crash_after`` a drawn number of
+I/O points), builds the surviving image with a crash plan drawn by hypothesis
+(drop all, keep all, a prefix, omit one, a subset, a torn write, a file grown
+but not written), and sometimes cuts the power again during the recovery that
+follows.  Every commit that returned must be there and nothing else: open
+transactions are gone, prepared ones are still in doubt; a commit or a
+resolution the cut interrupted is either wholly there or wholly absent.
+``prepare`` moves a transaction out of its slot into the model's in-doubt
+set (its writes invisible, its keys conflicting) and ``resolve`` commits or
+rolls back one of them -- across close and reopen and power cuts.
+``backup`` copies the store while transactions are open; the copy must open
+and hold exactly the committed data and the same in-doubt transactions.
+``misuse`` calls the API with bad arguments (wrong types and sizes, unknown or
+duplicate global ids, a backup into the database or into a non-empty
+directory, a second open, bad open arguments): each raises the error SPEC
+names and changes nothing (the invariants check the state right after).
+
 Keys are few (so conflicts happen) plus a range of filler keys that splits and
 merges leaves; values include inline ones near the overflow threshold,
 incompressible multi-page overflow values and a compressible one.
@@ -39,12 +60,15 @@ rules per example ("swarm testing"), and with the CI profile's 60
 derandomized examples, fine-grained rules left commits with writes and
 savepoint rollbacks almost unexercised.  ``STATS`` counts what ran.
 Runs under the profile ``tests/conftest.py`` loads (``HYPOTHESIS_PROFILE=ci``
-in CI), 30 steps per example.
+in CI), 30 steps per example (60 with ``KVSTORE_SOAK=1``, whose profile also
+runs 2000 examples); each step adds 1 to the reliability report's
+"stateful_steps".
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import random
 import shutil
 import tempfile
@@ -55,7 +79,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import kvstore
-from kvstore import ClosedError, ConflictError, TransactionError
+from kvstore import ClosedError, ConflictError, DatabaseLockedError, TransactionError, reliability
+from pages.faultfs import DropAll, FaultFS, KeepAll, PowerCut
 
 SLOTS = 4  # transactions open at once, at most
 CHECK_EVERY = 5  # steps between walks of the structures
@@ -94,10 +119,21 @@ ACTIONS = (
     + ["read_then_write"] * 3
     + ["commit"] * 3
     + ["rollback", "fill", "misuse"]
-    + ["checkpoint", "purge", "purge", "churn", "reopen"]
+    + ["prepare", "prepare", "resolve", "resolve"]
+    + ["checkpoint", "purge", "purge", "churn", "reopen", "power_cut", "power_cut", "backup"]
     + ["auto_put", "auto_delete", "auto_reads"]
 )
-MAINTENANCE = ("checkpoint", "purge", "churn", "reopen")
+MAINTENANCE = ("checkpoint", "purge", "churn", "reopen", "power_cut", "backup")
+
+DB = "/db"  # the database's directory on FaultFS
+#: no background checkpoints: every I/O comes from a step, in order, so a
+#: power cut after n I/O points is deterministic
+QUIET = dict(checkpoint_interval=float("inf"), checkpoint_wal_bytes=1 << 40)
+#: crash plans a power cut draws from (FaultFS.plans kinds); DropAll and
+#: KeepAll twice, as the two that matter most
+CUT_PLANS = ["DropAll", "DropAll", "KeepAll", "KeepAll", "Prefix", "OmitOne", "Subset", "Torn", "GrownNotWritten"]
+#: where the power is cut: between steps, or after some I/O points of one of these
+CUT_DURING = [None, "commit", "commit", "checkpoint", "checkpoint", "resolve", "recovery"]
 
 
 def filler(j: int) -> bytes:
@@ -141,7 +177,9 @@ class OpenTx:
 class KVMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.dir = tempfile.mkdtemp(prefix="kv-stateful-")
+        self.tmp = None  # real files: a scratch directory holding the database and its backups
+        self.fs: FaultFS | None = None  # or FaultFS: the current "machine" (a new one after each power cut)
+        self.dir = DB
         self.db = None
         self.default_level = "snapshot"
         self.committed: dict[bytes, bytes] = {}
@@ -149,28 +187,42 @@ class KVMachine(RuleBasedStateMachine):
         self.seq = 0  # commits with writes so far
         self.slots: list[OpenTx | None] = [None] * SLOTS
         self.finished: list = []  # a few finished transaction objects
+        self.prepared: dict[bytes, OpenTx] = {}  # global id -> the transaction in doubt
+        self.gids = 0  # global ids handed out
+        self.backups = 0
         self.steps = 0
 
     @property
     def txs(self) -> list[OpenTx]:
         return [t for t in self.slots if t is not None]
 
+    @property
+    def unfinished(self) -> list[OpenTx]:
+        """The open transactions and the prepared ones: both hold their keys."""
+        return self.txs + list(self.prepared.values())
+
     # --- the model ---------------------------------------------------------------------
 
+    def _open_kwargs(self, path: str) -> dict:
+        if self.fs is not None:  # a small cache: pages are stolen, so page writes wait unsynced
+            return dict(_fs=self.fs, sync="full", cache_size=8 * 4096, **QUIET)
+        return dict(sync="off", cache_size=64 * 4096, **QUIET)
+
     def _open(self, isolation: str) -> None:
-        self.db = kvstore.open(self.dir, sync="off", isolation=isolation, cache_size=64 * 4096)
+        self.db = kvstore.open(self.dir, isolation=isolation, **self._open_kwargs(self.dir))
         self.default_level = isolation
+        assert self.db.prepared() == sorted(self.prepared), "in-doubt transactions after open"
 
     def _ww(self, t: OpenTx, key: bytes) -> bool:
         """Whether a write of ``key`` by ``t`` must raise (first updater wins)."""
         if key in t.written():
             return False
-        if any(key in o.written() for o in self.txs if o is not t):
+        if any(key in o.written() for o in self.unfinished if o is not t):
             return True
         return self.last_write.get(key, 0) > t.begin_seq
 
     def _ww_autocommit(self, key: bytes) -> bool:
-        return any(key in o.written() for o in self.txs)
+        return any(key in o.written() for o in self.unfinished)
 
     def _end(self, t: OpenTx) -> None:
         self.slots[self.slots.index(t)] = None
@@ -211,7 +263,7 @@ class KVMachine(RuleBasedStateMachine):
         tx = self.db.begin(readonly=readonly, isolation=level)
         eff = self.default_level if level is None else level
         assert tx.isolation == eff
-        others = any(o.level == "serializable" for o in self.txs)
+        others = any(o.level == "serializable" for o in self.unfinished)
         if eff == "serializable":
             self._overlap_all()
         t = OpenTx(tx, eff, readonly, dict(self.committed), self.seq, eff == "serializable" and others)
@@ -324,10 +376,13 @@ class KVMachine(RuleBasedStateMachine):
             if not self._write(t, filler(j), value) or t.readonly:
                 return
 
-    def _misuse(self, t: OpenTx, case: int) -> None:
+    def _misuse(self, t: OpenTx, n: int) -> None:
         """Wrong types and sizes raise TypeError / ValueError and change
-        nothing; a finished transaction raises TransactionError."""
-        if case >= 16 and self.finished:
+        nothing; a finished transaction raises TransactionError; so do bad
+        global ids, bad backup destinations and bad open arguments, and a
+        second open raises DatabaseLockedError."""
+        if n % 5 == 4 and self.finished:
+            case = n // 5
             STATS["misuse of a finished transaction"] += 1
             old = self.finished[case % len(self.finished)]
             calls = [
@@ -362,18 +417,44 @@ class KVMachine(RuleBasedStateMachine):
             (TypeError, lambda: self.db.run(5)),
             (ValueError, lambda: self.db.put(b"", b"v")),
         ]
+        db, path, kw = self.db, self.dir, self._open_kwargs(self.dir)
+        reading += [
+            # two-phase commit: bad or unknown global ids
+            (TypeError, lambda: tx.prepare("gid")),
+            (TypeError, lambda: tx.prepare(7)),
+            (ValueError, lambda: tx.prepare(b"")),
+            (ValueError, lambda: tx.prepare(b"g" * 1025)),
+            (TypeError, lambda: db.commit_prepared("gid")),
+            (ValueError, lambda: db.commit_prepared(b"no such gid")),
+            (ValueError, lambda: db.rollback_prepared(b"no such gid")),
+            # a backup into the database itself
+            (ValueError, lambda: db.backup(os.path.join(path, "backup"))),
+            # a second open of an open database; bad open arguments
+            (DatabaseLockedError, lambda: kvstore.open(path, **kw)),
+            (ValueError, lambda: kvstore.open(path, **{**kw, "sync": "sometimes"})),
+            (ValueError, lambda: kvstore.open(path, **{**kw, "isolation": "read committed"})),
+            (ValueError, lambda: kvstore.open(path, **{**kw, "page_size": 1000})),
+        ]
+        if self.prepared:
+            taken = sorted(self.prepared)[0]
+            reading.append((ValueError, lambda: tx.prepare(taken)))  # a global id already in doubt
+        if self.backups:
+            reading.append((ValueError, lambda: db.backup(self._backup_path(1))))  # not empty
         others = [o for o in self.txs if o is not t and o.sps]
         if others:
             reading.append((ValueError, lambda: tx.rollback_to(others[0].sps[0][0])))
         if t.gone_sps:
             reading.append((ValueError, lambda: tx.rollback_to(t.gone_sps[-1])))
         cases = writing + reading
-        exc, call = cases[case % len(cases)]
-        if t.readonly and case % len(cases) < len(writing):
+        case = n % len(cases)
+        exc, call = cases[case]
+        if t.readonly and case < len(writing):
             exc = TransactionError  # a read-only transaction refuses any write first
+        STATS[f"misuse raises {exc.__name__}"] += 1
         with pytest.raises(exc):
             call()
         assert tx.state == "active"
+        assert self.db.prepared() == sorted(self.prepared)
 
     def _close_and_reopen(self, isolation: str) -> None:
         dropped = self.txs
@@ -389,13 +470,192 @@ class KVMachine(RuleBasedStateMachine):
                 t.tx.get(b"a")
             self._end(t)
         self._open(isolation)
-        assert self.db.stats()["active_transactions"] == 0
+        assert self.db.stats()["active_transactions"] == len(self.prepared)  # only those in doubt
+
+    # --- two-phase commit -------------------------------------------------------------------
+
+    def _prepare(self, t: OpenTx, key: bytes, value: bytes, how: int) -> None:
+        """``tx.prepare(gid)``: the transaction leaves its slot for the set in
+        doubt; its writes stay invisible and its keys taken until resolved.
+        A transaction that wrote nothing yet writes ``key`` first."""
+        if not t.ops and not t.readonly and not self._write(t, key, value, how):
+            return  # the write conflicted: the transaction is gone
+        self.gids += 1
+        gid = b"gid-%d" % self.gids
+        try:
+            t.tx.prepare(_wrap(gid, how))
+        except ConflictError as e:  # SSI validation runs at prepare as at commit
+            self._conflicted(t, e, False, None)
+            return
+        assert t.tx.state == "prepared", t.tx.state
+        STATS["prepare " + t.level + (" with writes" if t.ops else " without writes")] += 1
+        self.slots[self.slots.index(t)] = None
+        self.prepared[gid] = t
+
+    def _resolve(self, n: int, commit: bool, how: int) -> None:
+        """``db.commit_prepared`` / ``db.rollback_prepared`` of one transaction
+        in doubt (it may have been prepared before a reopen or a power cut)."""
+        if not self.prepared:
+            STATS["resolve with nothing in doubt"] += 1
+            with pytest.raises(ValueError):
+                (self.db.commit_prepared if commit else self.db.rollback_prepared)(b"gid-0")
+            return
+        gid = sorted(self.prepared)[n % len(self.prepared)]
+        t = self.prepared.pop(gid)
+        STATS["commit_prepared" if commit else "rollback_prepared"] += 1
+        if commit:
+            self.db.commit_prepared(_wrap(gid, how))
+            self._commit_model(t.ops)
+        else:
+            self.db.rollback_prepared(_wrap(gid, how))
+        assert gid not in self.db.prepared()
+
+    # --- power cuts (FaultFS) -------------------------------------------------------------
+
+    def _power_cut(self, isolation: str, plan_kind: str, j: int, during: str | None, at: int, flag: bool) -> None:
+        """Cut the power (between steps, or ``at`` I/O points into a commit,
+        a checkpoint, a resolution or the recovery after the cut), rebuild
+        the disk with a ``plan_kind`` plan, and reopen.  Every commit that
+        returned survives; open transactions are gone; prepared ones are in
+        doubt still; an interrupted commit or resolution is all or nothing."""
+        if self.fs is None:  # real files: a close and reopen stands in
+            STATS["power cut on real files (close and reopen instead)"] += 1
+            self._close_and_reopen(isolation)
+            return
+        fs = self.fs
+        maybe_commit: OpenTx | None = None  # a commit the cut interrupted
+        maybe_resolve: tuple[bytes, OpenTx, bool] | None = None  # (gid, tx, commit?) likewise
+        writers = [t for t in self.txs if t.ops]
+        if during == "commit" and not writers and None in self.slots:  # make one
+            t = self._begin(self.slots.index(None), None, False)
+            if self._write(t, KEYS[j % len(KEYS)], b"cut %d" % at):
+                writers = [t]
+        if during == "commit" and writers:
+            t = writers[j % len(writers)]
+            fs.crash_after(at % 3)  # a commit's I/O: a write of the log, its fsync
+            try:
+                t.tx.commit()
+            except PowerCut:
+                maybe_commit = t
+            except ConflictError as e:
+                self._conflicted(t, e, False, None)
+            else:
+                self._commit_model(t.ops)
+                self._end(t)
+        elif during == "checkpoint":
+            fs.crash_after(at % 16)
+            try:
+                self.db.checkpoint()
+            except PowerCut:
+                pass
+        elif during == "resolve" and self.prepared:
+            gid = sorted(self.prepared)[j % len(self.prepared)]
+            t = self.prepared.pop(gid)
+            fs.crash_after(at % 3 if flag else at % 8)  # commit: write, fsync; rollback: CLRs too
+            try:
+                (self.db.commit_prepared if flag else self.db.rollback_prepared)(gid)
+            except PowerCut:
+                maybe_resolve = (gid, t, flag)
+            else:
+                if flag:
+                    self._commit_model(t.ops)
+        cut_mid_op = fs.dead
+        plans = fs.plans(kinds=[plan_kind])
+        plan = plans[j % len(plans)] if plans else DropAll()
+        STATS[f"power cut{' during ' + during if cut_mid_op else ''}: {plan_kind if plans else 'DropAll'}"] += 1
+        STATS[f"power cut with {'no' if not fs.pending_ops() else 'some'} unsynced writes"] += 1
+        self.db._checkpointer.stop()  # the old "process" is gone: no thread of it may run on
+        self.fs = fs.crash(plan)
+        for t in self.txs:  # open transactions die with the process; restart rolls them back
+            self._end(t)
+        self.finished = []
+        self.db = None
+        if during == "recovery":
+            self._crash_during_recovery(isolation, at, flag)
+        if maybe_resolve is None:
+            self._open(isolation)
+        else:
+            self._open_any(isolation)
+        got = dict(self.db.scan())
+        if maybe_commit is not None:
+            if got != self.committed:
+                self._commit_model(maybe_commit.ops)
+                STATS["power cut during commit: committed"] += 1
+            else:
+                STATS["power cut during commit: not committed"] += 1
+        if maybe_resolve is not None:
+            gid, t, commit = maybe_resolve
+            if gid in self.db.prepared():
+                self.prepared[gid] = t  # the decision did not reach the disk: still in doubt
+                STATS["power cut during resolve: still in doubt"] += 1
+            else:
+                STATS["power cut during resolve: resolved"] += 1
+                if commit:
+                    self._commit_model(t.ops)
+            assert self.db.prepared() == sorted(self.prepared)
+        lost = sorted(k for k in self.committed if got.get(k) != self.committed[k])
+        extra = sorted(k for k in got if k not in self.committed)
+        assert not lost and not extra, (
+            f"after a power cut ({plan!r}, during {during}, cut mid-operation: {cut_mid_op}): "
+            f"committed keys lost or changed {lost[:8]}, keys nobody committed {extra[:8]}"
+        )
+        assert self.db.stats()["active_transactions"] == len(self.prepared)
+
+    def _open_any(self, isolation: str) -> None:
+        """Open without requiring the in-doubt set to match (a resolution the
+        cut interrupted may or may not have reached the disk)."""
+        self.db = kvstore.open(self.dir, isolation=isolation, **self._open_kwargs(self.dir))
+        self.default_level = isolation
+
+    def _crash_during_recovery(self, isolation: str, at: int, keep: bool) -> None:
+        """Cut the power again ``at`` I/O points into the restart (then
+        DropAll or KeepAll); the next restart must end in the same state."""
+        assert self.fs is not None
+        self.fs.crash_after(at % 16)
+        try:
+            db = kvstore.open(self.dir, isolation=isolation, **self._open_kwargs(self.dir))
+        except PowerCut:
+            STATS["power cut during recovery"] += 1
+            self.fs = self.fs.crash(KeepAll() if keep else DropAll())
+        else:
+            self.fs.crash_after(None)
+            db.close()
+
+    # --- backup ---------------------------------------------------------------------------------
+
+    def _backup_path(self, k: int) -> str:
+        return f"/backup-{k}" if self.fs is not None else os.path.join(self.tmp, f"backup-{k}")
+
+    def _backup(self) -> None:
+        """``db.backup`` with transactions open; the copy opens and holds the
+        committed data and the transactions in doubt, and nothing else."""
+        self.backups += 1
+        dest = self._backup_path(self.backups)
+        info = self.db.backup(dest)
+        assert {"dest", "pages", "wal_bytes"} <= set(info)
+        copy = kvstore.open(dest, create=False, **self._open_kwargs(dest))
+        try:
+            assert dict(copy.scan()) == self.committed, "the backup differs from the committed data"
+            assert copy.prepared() == sorted(self.prepared), "the backup's transactions in doubt"
+            copy._check_structures()
+        finally:
+            copy.close()
 
     # --- rules ---------------------------------------------------------------------------
 
-    @initialize(isolation=st.sampled_from(["snapshot", "serializable"]))
-    def open_db(self, isolation: str) -> None:
+    @initialize(
+        isolation=st.sampled_from(["snapshot", "serializable"]),
+        backend=st.sampled_from(["faultfs", "faultfs", "faultfs", "files"]),
+        seed=st.integers(0, 2**16),
+    )
+    def open_db(self, isolation: str, backend: str, seed: int) -> None:
         STATS["examples"] += 1
+        STATS["examples on " + backend] += 1
+        if backend == "faultfs":
+            self.fs = FaultFS(seed=seed)
+        else:
+            self.tmp = tempfile.mkdtemp(prefix="kv-stateful-")
+            self.dir = os.path.join(self.tmp, "db")
         self._open(isolation)
 
     @rule(
@@ -410,13 +670,21 @@ class KVMachine(RuleBasedStateMachine):
         flag=st.booleans(),
         how=st.integers(0, 2),
         n=st.integers(0, 150),
+        plan=st.sampled_from(CUT_PLANS),
+        during=st.sampled_from(CUT_DURING),
+        at=st.integers(0, 40),
     )
-    def step(self, action, slot, level, readonly, key, value, start, stop, flag, how, n) -> None:
+    def step(self, action, slot, level, readonly, key, value, start, stop, flag, how, n, plan, during, at) -> None:
         """One step: an operation of the transaction in ``slot`` (an empty
         slot gets a new transaction, of ``level`` and ``readonly``, first),
-        maintenance, or an autocommit helper."""
+        the resolution of a prepared transaction, maintenance, or an
+        autocommit helper."""
+        reliability.add("stateful_steps", 1)
         if action in MAINTENANCE:
-            self._maintenance(action, level or self.default_level)
+            self._maintenance(action, level or self.default_level, (plan, n, during, at, flag))
+            return
+        if action == "resolve":
+            self._resolve(n, flag, how)
             return
         if action.startswith("auto_"):
             self._autocommit(action[5:], key, value, start, stop)
@@ -443,19 +711,26 @@ class KVMachine(RuleBasedStateMachine):
                 self._write(t, dst, value, how)
         elif action == "fill":
             self._fill(t, n, 1 + n % 120, None if flag else FILL_VALUES[how % 2])
+        elif action == "prepare":
+            self._prepare(t, key, value, how)
         else:
-            self._misuse(t, n % 21)
+            self._misuse(t, n)
 
-    def _maintenance(self, action: str, isolation: str) -> None:
+    def _maintenance(self, action: str, isolation: str, cut: tuple) -> None:
         """A checkpoint, a purge (with transactions open too), a churn of
-        commits then a purge, or close and reopen (which rolls back every
-        open transaction)."""
+        commits then a purge, a backup, close and reopen (which rolls back
+        every open transaction), or a power cut (``cut``: plan kind, plan
+        index, where, after how many I/O points, a flag)."""
         STATS[action + (" with transactions open" if self.txs else "")] += 1
-        if action == "checkpoint":
+        if action == "power_cut":
+            self._power_cut(isolation, *cut)
+        elif action == "checkpoint":
             info = self.db.checkpoint()
             assert {"lsn", "pages_written", "seconds", "wal_bytes_truncated"} <= set(info)
         elif action == "purge":
             self.db.purge()
+        elif action == "backup":
+            self._backup()
         elif action == "churn":
             # many small commits fill whole undo pages, which purge may free
             # (it never frees the page being written): open snapshots must
@@ -473,14 +748,20 @@ class KVMachine(RuleBasedStateMachine):
     def _autocommit(self, action: str, key: bytes, value: bytes, start: bytes | None, stop: bytes | None) -> None:
         """db.put / db.delete / db.get / db.scan, each its own transaction.
         A blind write or a lone read cannot be an SSI victim, so only
-        write-write conflicts (after db.run's retries) are expected."""
+        write-write conflicts (after db.run's retries) are expected.  When
+        one is expected, the write runs as ``db.run(..., retries=0)``:
+        ``db.run`` waits for the blocking writer to finish before it retries
+        (up to a second per retry), and here, in one thread, it never does."""
         STATS["autocommit " + action] += 1
         if self.default_level == "serializable":
             self._overlap_all()
         if action == "put":
             expect = self._ww_autocommit(key)
             try:
-                self.db.put(key, value)
+                if expect:
+                    self.db.run(lambda tx: tx.put(key, value), retries=0)
+                else:
+                    self.db.put(key, value)
             except ConflictError as e:
                 assert expect, f"autocommit put conflicted with nobody: {e}"
                 assert e.kind == "write-write"
@@ -491,7 +772,7 @@ class KVMachine(RuleBasedStateMachine):
             existed = key in self.committed
             expect = existed and self._ww_autocommit(key)
             try:
-                got = self.db.delete(key)
+                got = self.db.run(lambda tx: tx.delete(key), retries=0) if expect else self.db.delete(key)
             except ConflictError as e:
                 assert expect, f"autocommit delete conflicted with nobody: {e}"
                 assert e.kind == "write-write"
@@ -518,7 +799,10 @@ class KVMachine(RuleBasedStateMachine):
         assert [k for k, _ in got] == [k for k, _ in want]
         assert got == want
         assert rev == want[::-1]
-        assert self.db.stats()["active_transactions"] == len(self.txs)
+        st_ = self.db.stats()
+        assert st_["active_transactions"] == len(self.txs) + len(self.prepared)
+        assert st_["prepared_transactions"] == len(self.prepared)
+        assert self.db.prepared() == sorted(self.prepared)
 
     @invariant()
     def open_snapshots_are_stable(self) -> None:
@@ -540,8 +824,9 @@ class KVMachine(RuleBasedStateMachine):
                 self.db._check_structures()
                 self.db.close()
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 TestTransactions = KVMachine.TestCase
-TestTransactions.settings = settings(stateful_step_count=30)
+TestTransactions.settings = settings(stateful_step_count=60 if os.environ.get("KVSTORE_SOAK") else 30)

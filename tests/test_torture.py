@@ -2,6 +2,10 @@
 
 The runs here are short (a few seconds, ``crash_every`` small so that they
 still kill many times); ``KVSTORE_SOAK=1`` makes the main one run a minute.
+
+The whole runs add their rounds, verified and lost acknowledged commits to the
+reliability report (TESTING.md section 9: "sigkill_rounds", "acked_verified",
+"acked_lost"), from torture's own summary, before asserting on them.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ import io
 import json
 import math
 import os
+import re
 
 import pytest
 
 import kvstore
-from kvstore import torture
+from kvstore import reliability, torture
 
 SOAK = bool(os.environ.get("KVSTORE_SOAK"))
 
@@ -22,6 +27,23 @@ SOAK = bool(os.environ.get("KVSTORE_SOAK"))
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+def report(summary: dict) -> None:
+    """Add a run's figures to the reliability report (its JSON summary)."""
+    reliability.add("sigkill_rounds", summary["rounds"])
+    reliability.add("acked_verified", summary["verified"])
+    reliability.add("acked_lost", summary["lost"])
+
+
+def report_text(text: str) -> dict:
+    """The same from the text summary (the last one in ``text``)."""
+    rounds = re.findall(r": (\d+) rounds in ", text)
+    counts = re.findall(r"verified (\d+), lost (\d+)", text)
+    assert rounds and counts, f"no torture summary in {text[-500:]!r}"
+    summary = {"rounds": int(rounds[-1]), "verified": int(counts[-1][0]), "lost": int(counts[-1][1])}
+    report(summary)
+    return summary
 
 
 def state_of(path: str) -> torture.State:
@@ -40,10 +62,11 @@ def test_run_json_then_continue_with_live_progress(tmp_path):
         path, seconds=60.0 if SOAK else 5.0, threads=3, seed=11, crash_every=0.3,
         json_output=True, out=out, err=err, _trace=trace,
     )
-    assert rc == 0, err.getvalue()
     text = out.getvalue()
-    assert text.count("\n") == 1 and text.endswith("}\n"), "JSON mode prints one object and nothing else"
     s = json.loads(text)
+    report(s)
+    assert rc == 0, err.getvalue()
+    assert text.count("\n") == 1 and text.endswith("}\n"), "JSON mode prints one object and nothing else"
     assert s["ok"] is True and s["violations"] == 0 and s["violation_messages"] == []
     assert s["rounds"] >= 2 and s["kills"] > 0
     assert s["kills"] == s["kills_timer"] + s["kills_failpoint"] + s["kills_recovery"]
@@ -62,8 +85,9 @@ def test_run_json_then_continue_with_live_progress(tmp_path):
     # ... which a second run continues (a new epoch of ids), with a live progress line
     out2, err2 = FakeTerminal(), io.StringIO()
     rc = torture.run(path, seconds=2.0, threads=2, seed=12, crash_every=0.3, out=out2, err=err2)
-    assert rc == 0, err2.getvalue()
     shown = out2.getvalue()
+    assert report_text(shown)["lost"] == 0
+    assert rc == 0, err2.getvalue()
     assert "\rtorture: round " in shown and " kills " in shown and " recoveries " in shown
     summary = shown.rsplit("\r", 1)[-1]  # the progress line is erased before the summary
     assert "lost 0" in summary and "violations    0" in summary and summary.endswith("OK\n")
@@ -432,4 +456,5 @@ def test_torture_soak_ten_minutes(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     status = torture.run(str(tmp_path / "soak"), seconds=600, threads=4, seed=int(os.environ.get("KVSTORE_SOAK_SEED", "1")), out=out, err=err)
     print(out.getvalue())
+    assert report_text(out.getvalue())["lost"] == 0
     assert status == 0, err.getvalue()
