@@ -470,6 +470,7 @@ class Database:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         attempt = 0
         place: tuple[bytes, object] | None = None  # (key, token) in a wait line
+        patience = [1.0]  # seconds left to wait on transactions held open (see _wait_in_line)
         try:
             while True:
                 tx = self.begin()
@@ -489,7 +490,7 @@ class Database:
                         if place is None or place[0] != e.key:
                             self._leave_line(place)
                             place = self._join_line(e.key)
-                        if self._wait_in_line(place, tx._blocked_by, 1.0):
+                        if self._wait_in_line(place, tx._blocked_by, 1.0, patience):
                             continue
                     time.sleep(random.random() * min(0.0005 * 2**attempt, 0.05))
                 except BaseException:
@@ -517,17 +518,33 @@ class Database:
                     del self._lines[key]
                 self._writer_done.notify_all()
 
-    def _wait_in_line(self, place: tuple[bytes, object], txid: int, timeout: float) -> bool:
+    def _wait_in_line(self, place: tuple[bytes, object], txid: int, timeout: float, patience: list[float]) -> bool:
         """Wait until writer ``txid`` has finished and this ``run`` is first
-        in line for the key; False (back off instead) if ``txid`` is
-        prepared or ``timeout`` passed."""
+        in line for the key; False (back off instead) if ``timeout`` passed.
+
+        Committing writers and other ``run`` calls finish on their own, so
+        they get the full ``timeout``.  A transaction the caller holds open
+        may not: one prepared may stay in doubt, one begun by this thread
+        cannot end while it waits, and other open ones share ``patience``
+        (seconds, across all retries of one ``run``), so a retry loop
+        against a transaction left open elsewhere gives up in about a
+        second, not ``retries`` seconds."""
         key, token = place
         with self._writer_done:
             tx = self._writers.get(txid) if txid > 0 else None
-            if tx is not None and tx.state == PREPARED:
-                return False
+            held_open = tx is not None and tx.state != COMMITTING and tx._line is None
+            if held_open:
+                if tx.state == PREPARED or tx._thread == threading.get_ident():
+                    return False
+                timeout = min(timeout, patience[0])
+                if timeout <= 0:
+                    return False
             line = self._lines[key]
-            return self._writer_done.wait_for(lambda: (txid < 0 or txid not in self._writers) and line[0] is token, timeout)
+            started = time.monotonic()
+            done = self._writer_done.wait_for(lambda: (txid < 0 or txid not in self._writers) and line[0] is token, timeout)
+            if held_open:
+                patience[0] -= time.monotonic() - started
+            return done
 
     # autocommit helpers
     def get(self, key: bytes, default: Any = None) -> Any:

@@ -15,6 +15,7 @@ transactions run at once.
 
 from __future__ import annotations
 
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Iterator
 
 from wal.errors import ConflictError, TransactionError
@@ -74,7 +75,7 @@ class Transaction:
 
     __slots__ = (
         "db", "txid", "snapshot", "readonly", "isolation", "state", "last_undo",
-        "last_lsn", "savepoints", "ssi", "writes", "gid", "_in_with", "_blocked_by", "_line",
+        "last_lsn", "savepoints", "ssi", "writes", "gid", "_in_with", "_blocked_by", "_line", "_thread",
     )
 
     def __init__(self, db: "Database", snapshot: "Snapshot", readonly: bool, isolation: str, ssi: "SsiTxn | None") -> None:
@@ -93,6 +94,7 @@ class Transaction:
         self._in_with = False
         self._blocked_by = 0  # the unfinished writer a write conflicted with (for db.run; -1: a wait line)
         self._line: object = None  # db.run's place in a key's wait line (see Database.run)
+        self._thread = get_ident()  # who began it: db.run never waits on its own thread's transaction
 
     # --- reads ---------------------------------------------------------------------
 

@@ -438,20 +438,26 @@ def test_db_run_waits_for_the_unfinished_writer_it_lost_to(tmp_path):
     uncommitted for 0.3 s; db.run with one retry must get through."""
     with kvstore.open(tmp_path / "db", sync="off") as db:
         db.put(b"counter", b"0")
-        t1 = db.begin()
-        t1.put(b"counter", b"100")
+        holding = threading.Event()
         attempts = []
+
+        def writer() -> None:
+            with db.transaction() as t1:
+                t1.put(b"counter", b"100")
+                holding.set()
+                time.sleep(0.3)
 
         def bump(tx):
             attempts.append(time.monotonic())
             tx.put(b"counter", b"%d" % (int(tx.get(b"counter")) + 1))
 
-        timer = threading.Timer(0.3, t1.commit)
-        timer.start()
+        other = threading.Thread(target=writer)
+        other.start()
         try:
+            holding.wait(5)
             db.run(bump, retries=1)
         finally:
-            timer.join()
+            other.join()
         assert int(db.get(b"counter")) == 101
         assert len(attempts) == 2 and attempts[1] - attempts[0] >= 0.25
 
@@ -493,3 +499,47 @@ def test_db_run_serves_a_hot_key_first_come_first_served(tmp_path):
         assert int(db.get(b"counter")) == THREADS * 25 - gave_up[0]
         assert gave_up[0] == 0, f"{gave_up[0]} of {THREADS * 25} db.run calls gave up after 2 retries"
         assert not db._lines, "a wait line was left behind"
+
+
+def test_db_put_against_a_transaction_its_own_thread_holds_fails_at_once(tmp_path):
+    """An autocommit write on a key that a transaction begun by the same
+    thread holds can never succeed while that thread waits: it raises
+    ConflictError promptly instead of waiting out every retry."""
+    with kvstore.open(tmp_path / "db", sync="off") as db:
+        db.put(b"k", b"0")
+        holder = db.begin()
+        holder.put(b"k", b"1")
+        t0 = time.monotonic()
+        with pytest.raises(ConflictError):
+            db.put(b"k", b"2")
+        assert time.monotonic() - t0 < 0.5
+        holder.commit()
+        assert db.get(b"k") == b"1"
+
+
+def test_db_run_against_a_transaction_held_open_elsewhere_gives_up_in_about_a_second(tmp_path):
+    """A transaction another thread keeps open may never end: db.run's
+    retries share one second of waiting on it rather than a second each."""
+    with kvstore.open(tmp_path / "db", sync="off") as db:
+        db.put(b"k", b"0")
+        held = threading.Event()
+        release = threading.Event()
+
+        def hold() -> None:
+            with db.transaction() as tx:
+                tx.put(b"k", b"1")
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            held.wait(5)
+            t0 = time.monotonic()
+            with pytest.raises(ConflictError):
+                db.run(lambda tx: tx.put(b"k", b"2"), retries=10)
+            assert time.monotonic() - t0 < 2.5
+        finally:
+            release.set()
+            holder.join()
+        assert db.get(b"k") == b"1"
