@@ -43,7 +43,8 @@ Not thread-safe: the caller holds the engine latch.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from wal import canary
 from wal.errors import ConflictError

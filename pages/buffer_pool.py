@@ -18,7 +18,8 @@ Not thread-safe: the caller holds the engine latch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pages.pagefile import PageFile
 from wal import canary

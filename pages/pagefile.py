@@ -106,7 +106,7 @@ class PageFile:
     @classmethod
     def create(
         cls, fs: Any, path: str, page_size: int, db_id: bytes, app: bytes = b"", min_page_size: int = MIN_PAGE_SIZE
-    ) -> "PageFile":
+    ) -> PageFile:
         """Create a new page file with an empty page table (generation 1).
 
         Atomic: the file is written and fsynced under ``path + ".tmp"`` and
@@ -134,7 +134,7 @@ class PageFile:
         return cls.open(fs, path)
 
     @classmethod
-    def open(cls, fs: Any, path: str) -> "PageFile":
+    def open(cls, fs: Any, path: str) -> PageFile:
         """Open an existing page file at its newest valid meta.
 
         Raises CorruptionError if neither meta page is valid, or if a
@@ -347,7 +347,7 @@ class PageFile:
             raise
         return self.complete_flip(state)
 
-    def begin_flip(self) -> "FlipState":
+    def begin_flip(self) -> FlipState:
         """Phase 1 (caller holds the latch): write the changed page-table pages
         for the current image and reserve every slot the image references, so
         nothing overwrites them while the flip is in flight (P2)."""
@@ -404,7 +404,7 @@ class PageFile:
         self._flip = state
         return state
 
-    def flip_io(self, state: "FlipState", checkpoint_lsn: int, app: bytes) -> None:
+    def flip_io(self, state: FlipState, checkpoint_lsn: int, app: bytes) -> None:
         """Phase 2 (no latch needed): fsync, the meta, fsync (P3)."""
         root_slot, root_crc = state.new_pt[state.depth - 1][0]
         failpoint("pages.before_flip_fsync")
@@ -430,7 +430,7 @@ class PageFile:
         failpoint("pages.after_meta_fsync")
         state.meta, state.target = meta, target
 
-    def abort_flip(self, state: "FlipState") -> None:
+    def abort_flip(self, state: FlipState) -> None:
         """After a failed phase 2 (caller holds the latch): the durable image
         is still the old one; release what the flip reserved."""
         if self._flip is state:
@@ -442,7 +442,7 @@ class PageFile:
         self._pending_free -= moved
         self._free_slots.update(moved)
 
-    def complete_flip(self, state: "FlipState") -> dict[str, int]:
+    def complete_flip(self, state: FlipState) -> dict[str, int]:
         """Phase 3 (caller holds the latch): the new image is durable; free
         what only the old image used (P4)."""
         assert state.meta is not None

@@ -37,7 +37,8 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from recovery.restart import encode_checkpoint
 from wal.errors import PoisonedError
@@ -217,7 +218,7 @@ class Checkpointer:
 
 
 
-def _loop(ref: "weakref.ref[Checkpointer]", stop: threading.Event, wake: threading.Event) -> None:
+def _loop(ref: weakref.ref[Checkpointer], stop: threading.Event, wake: threading.Event) -> None:
     while True:
         wake.wait(POLL_SECONDS)
         wake.clear()

@@ -49,7 +49,7 @@ class WriteAheadLog(LogWriter):
         segment_size: int = 16 * 2**20,
         sync: str = "full",
         compress_threshold: int = COMPRESS_THRESHOLD,
-    ) -> "WriteAheadLog":
+    ) -> WriteAheadLog:
         """Open the log in ``directory``, creating its first segment at
         ``durable_lsn`` if there is none.
 

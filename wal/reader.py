@@ -21,8 +21,9 @@ validity rule apart:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from wal.errors import CorruptionError
 from wal.format import (

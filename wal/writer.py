@@ -38,7 +38,8 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from wal import canary
 from wal.errors import ClosedError, PoisonedError
@@ -470,7 +471,7 @@ class LogWriter:
             self._file.close()
 
 
-def _sync_loop(ref: "weakref.ref[LogWriter]", stop: threading.Event) -> None:
+def _sync_loop(ref: weakref.ref[LogWriter], stop: threading.Event) -> None:
     """sync="normal": fsync what the OS has at least every 100 ms.  Holds the
     writer weakly, so a log dropped without close() lets the thread end."""
     while not stop.wait(NORMAL_SYNC_INTERVAL):
