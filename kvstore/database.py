@@ -29,7 +29,8 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from kvstore.mvcc import Snapshot, visible_version
 from kvstore.ssi import SsiManager
@@ -40,8 +41,6 @@ from kvstore.transaction import (
     COMMITTING,
     PREPARED,
     Transaction,
-    check_key,
-    check_value,
 )
 from pages.fs import FileSystem, OsFileSystem
 from pages.node import FLAG_DELETED, OverflowRef, pack_ops
@@ -49,7 +48,7 @@ from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
 from pages.rollback_segment import UNDONE, RollbackSegment, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
-from wal import canary
+from wal import canary, fsync_failure
 from wal.errors import ClosedError, ConflictError, CorruptionError, DatabaseLockedError, PoisonedError, TransactionError
 from wal.format import NO_LSN, RecordType, parse_segment_name
 from wal.log import WriteAheadLog
@@ -66,7 +65,7 @@ _U64 = struct.Struct("<Q")
 _EXTRA = struct.Struct("<QQ")  # meta application area: next txid, commits so far
 
 #: Open databases of this process, marked unusable in a forked child.
-_open_databases: "weakref.WeakSet[Database]" = weakref.WeakSet()
+_open_databases: weakref.WeakSet[Database] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -86,6 +85,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def _is_database_file(name: str) -> bool:
+    if fsync_failure.is_marker_or_rewrite(name):
+        name = name.rsplit(".", 1)[0]
     return name in (PAGE_FILE_NAME, PAGE_FILE_NAME + TMP_SUFFIX, LOCK_FILE_NAME) or parse_segment_name(name) is not None
 
 
@@ -100,7 +101,7 @@ def open(  # noqa: A001 - the contract's name
     checkpoint_interval: float = 60.0,
     checkpoint_wal_bytes: int = 64 * 2**20,
     _fs: FileSystem | None = None,
-) -> "Database":
+) -> Database:
     """Open (or create) the database in directory ``path``.
 
     Raises FileNotFoundError if ``path`` is missing and ``create`` is false;
@@ -257,6 +258,9 @@ class Database:
                 # Creation: the page file first, atomically (its existence marks
                 # a database), then the log, then the empty tree and rollback segment.
                 db_id = uuid.uuid4().bytes
+                # The directory's own name must be durable too, though an earlier
+                # attempt (or the caller) made it: that attempt's fsync may have failed.
+                fs.fsync_dir(os.path.dirname(os.path.abspath(path)) or "/")
                 pagefile = PageFile.create(fs, page_path, page_size, db_id)
                 self._wal = WriteAheadLog.open(fs, path, db_id, durable_lsn=0, sync=self.sync, segment_size=self._segment_size())
                 self._store = PageStore(pagefile, self._wal, cache_size, None)
@@ -352,8 +356,9 @@ class Database:
             self._prepared[gid] = tx
         if report.records_scanned or report.prepared:
             log.info(
-                "kvstore: recovered %s: %d log records scanned, %d redone, %d transactions undone, %d in doubt, %.3f s",
-                self.path, report.records_scanned, report.ops_redone, report.undone, len(report.prepared), report.seconds,
+                "kvstore: recovered %s: %d log records scanned, %d ops redone on %d pages, %d transactions undone, %d in doubt, %.3f s",
+                self.path, report.records_scanned, report.ops_redone, report.pages_redone, report.undone, len(report.prepared),
+                report.seconds,
             )
         if report.records_scanned:
             self._checkpointer.checkpoint(latch_held=True)
@@ -405,7 +410,7 @@ class Database:
         self._wal = None
         self._file_lock = None
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Database:
         self._check_open()
         return self
 

@@ -59,7 +59,7 @@ from pages.format import (
     encode_page,
     pt_fanout,
 )
-from wal import canary
+from wal import canary, fsync_failure
 from wal.errors import CorruptionError, PoisonedError
 from wal.failpoints import failpoint
 
@@ -138,8 +138,11 @@ class PageFile:
         """Open an existing page file at its newest valid meta.
 
         Raises CorruptionError if neither meta page is valid, or if a
-        page-table page is damaged; nothing is written.
+        page-table page is damaged; nothing is written -- except that a file
+        an fsync failed on is first rewritten as it reads (``wal.fsync_failure``).
         """
+        directory, name = os.path.split(path)
+        fsync_failure.repair(fs, directory or ".", lambda n: n == name)
         f = fs.open(path)
         try:
             meta, slot, damage = cls._read_metas(f, path)
@@ -479,7 +482,7 @@ class PageFile:
 
     def _fsync(self) -> None:
         try:
-            self._file.fsync()
+            fsync_failure.fsync(self._fs, self._file, self.path)
         except OSError as e:
             self._poison = PoisonedError(f"fsync of {self.path} failed; the page file is read-only until reopened: {e}", e)
             raise self._poison from e

@@ -296,14 +296,6 @@ def test_failed_page_write_during_checkpoint(err, which, then):
     assert read_all(fs.crash(DropAll())) == model
 
 
-FSYNC_GATE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wal/log.py WriteAheadLog.open adopts a log tail whose fsync failed: after the failed fsync the "
-    "OS (like Linux, and FaultFS rule E2) dropped those writes from the durable path but reads still see them; "
-    "reopen 'makes the tail durable' with a plain fsync, which reports success and persists nothing, then writes "
-    "and checkpoints after it; a power cut then leaves a hole below the checkpoint LSN and open raises "
-    "CorruptionError for good",
-)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +304,7 @@ FSYNC_GATE = pytest.mark.xfail(
         ("pages.db", "crash"),
         ("pages.db", "reopen"),
         ("wal", "crash"),
-        pytest.param("wal", "reopen", marks=FSYNC_GATE),
+        ("wal", "reopen"),  # the reopen rewrites the segment the failed fsync marked (wal.fsync_failure)
     ],
 )
 def test_failed_fsync_during_checkpoint_poisons(target, then):
@@ -353,7 +345,6 @@ def test_failed_fsync_during_checkpoint_poisons(target, then):
     assert read_all(fs.crash(DropAll())) == {**model, b"new": b"3"}
 
 
-@FSYNC_GATE
 def test_failed_commit_fsync_then_reopen_and_power_cut():
     """The same adoption of a never-durable tail, from a commit's fsync."""
     fs = FaultFS(seed=1)

@@ -20,8 +20,7 @@ makes it short, until the workload runs untouched (N = calls + 1).  Each run:
    that run must not fail at all (one that takes 0 bytes is an EIO).  An
    error the engine swallows is allowed only if the checks below still pass;
    one that ``close()`` swallows ends the workload there (a program that
-   closed its store would exit; reopening in the same boot after it is the
-   known limitation below);
+   closed its store would exit; step 6 reopens it);
 2. with the fault still armed in the every-time mode, a commit must not return;
 3. with the fault cleared, reads of the open store give a state of the model,
    and writes either all refuse (``PoisonedError``, with no further I/O: no
@@ -40,9 +39,17 @@ makes it short, until the workload runs untouched (N = calls + 1).  Each run:
    commits to its writes, and pass ``db.check()``.  An acknowledged backup
    opens to exactly the state it was taken at.
 
-A reopen *in the same boot* followed by a power cut is the known limitation
-of docs/DESIGN.md (a strict xfail at the end; also in test_wal_errors.py and
-test_checkpoints.py).  The bugs the loop found (a write whose steal failed
+6. for a file's fsync failing once, the point runs a second time, and before any power
+   cut the store is reopened *in the same boot* over the page cache as the
+   error left it, a commit is acknowledged and the store closed; then every
+   plan of step 5 cuts the power, and each image must hold exactly what the
+   reopened store showed and acknowledged.  When every call keeps failing,
+   the marker cannot be made either: that reopen is the known limitation of
+   docs/DESIGN.md, a strict xfail at the end.
+   A failed fsync leaves a marker that makes that reopen rewrite the file
+   first (``wal.fsync_failure``); without it, this step loses the commit.
+
+The bugs the loop found (a write whose steal failed
 escaping its rollback; a rollback on a poisoned store exposing its writes;
 reads failing on a poisoned store with a cache full of dirty pages) are fixed
 and reduced to regression tests at the end; the "steal" workload (a small
@@ -62,8 +69,9 @@ import functools
 import os
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -78,6 +86,7 @@ DB = "/db"
 BAK = "/bak"
 RUN_SECONDS = 60.0  # deadline of one run (workload, checks and recoveries): far above the ~20 ms it takes
 PROBE = b"~probe"  # a key no workload writes
+REOPENED = b"~reopened"  # written by the reopen of step 6
 OPTS = dict(sync="full", checkpoint_interval=3600.0, checkpoint_wal_bytes=1 << 30)
 CODES = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
 
@@ -194,9 +203,8 @@ class Session:
         fired = self.fault.fired if self.fault is not None else 0
         db.close()
         if self.fault is not None and self.fault.fired > fired:
-            # close() swallowed the error (it logs a warning).  A program
-            # ends here: reopening in the same boot after a lost fsync is the
-            # known limitation (see the xfails at the end of this file).
+            # close() swallowed the error (it logs a warning): a program
+            # ends here (step 6 reopens in the same boot).
             raise SwallowedByClose(f"close() returned although {self.fault!r} fired")
 
     def check_reads(self) -> None:
@@ -231,7 +239,7 @@ class Session:
         self.hist.ack()
         return result
 
-    def txn(self) -> "Txn":
+    def txn(self) -> Txn:
         return Txn(self)
 
     def commit_prepared(self, gid: bytes) -> None:
@@ -273,7 +281,7 @@ class Txn:
         self.view = dict(s.hist.current.data)  # what this transaction sees
         self.writes: dict = {}
 
-    def __enter__(self) -> "Txn":
+    def __enter__(self) -> Txn:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -499,7 +507,7 @@ def wl_backup(s: Session) -> None:
     s.close()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recovery_base() -> tuple[FaultFS, State]:
     """A store after an unclean shutdown (a process crash: KeepAll): commits
     before and after its last checkpoint (redo), a transaction in doubt, and
@@ -570,7 +578,7 @@ WORKLOADS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def clean_trace(name: str) -> tuple[tuple[str, str], ...]:
     """The calls a clean run makes; the workload must be deterministic."""
     traces = []
@@ -737,11 +745,50 @@ def check_after_error(s: Session, kind: str | None, path: str | None, err: BaseE
     return poisoned
 
 
-def run_point(w: Workload, mode: str, code: int, nth: int, nbytes: int = 0, count: bool = True) -> bool:
+def reopen_in_the_same_boot(fs: FaultFS, w: Workload, hist: History, plans: list, where: str, count: bool) -> None:
+    """Step 6 of the module doc, for a failed fsync: no power cut yet -- the process that saw
+    the error exits, another opens the store over the page cache as the
+    error left it (which may show writes a failed fsync dropped from the
+    disk's path), commits, and closes.  Then the power is cut: every image
+    must hold exactly what that reopened store showed and acknowledged."""
+    try:
+        db = kvstore.open(DB, _fs=fs, **w.opts)
+    except Exception as e:
+        raise AssertionError(f"{where}: a reopen in the same boot failed: {e!r}") from e
+    try:
+        seen = dict(db.scan())
+        assert seen in [c.data for c in hist.candidates()], f"{where}: the reopen in the same boot shows a state the model never had"
+        db.put(REOPENED, b"acknowledged after the reopen")
+        seen[REOPENED] = b"acknowledged after the reopen"
+        seen_prepared = db.prepared()
+    finally:
+        db.close()
+    for plan in plans:
+        img = fs.crash(plan)
+        what = f"{where}, then a reopen in the same boot, a commit and a power cut {plan!r}"
+        try:
+            db = kvstore.open(DB, _fs=img, **w.opts)
+        except Exception as e:
+            raise AssertionError(f"{what}: open failed: {e!r}") from e
+        try:
+            data = dict(db.scan())
+            if REOPENED not in data and count:
+                reliability.add("acked_lost", 1)
+            assert data == seen, f"{what}: recovered {sorted(data)}, the reopened store acknowledged {sorted(seen)}"
+            assert db.prepared() == seen_prepared, f"{what}: in-doubt transactions changed"
+            assert db.check()["ok"]
+        finally:
+            db.close()
+        if count:
+            reliability.add("acked_verified", 1)
+
+
+def run_point(w: Workload, mode: str, code: int, nth: int, nbytes: int = 0, count: bool = True, reopen: bool = False) -> bool:
     """One run with call ``nth`` failing (mode "once"/"every") or write
     ``nth`` short, taking ``nbytes``; all the checks.  Returns False once
     the fault no longer fires (the workload ran untouched).  ``count``: add
-    to the report's figures."""
+    to the report's figures.  ``reopen``: step 6 instead of step 5 (an
+    fsync point runs once each way)."""
     fs, hist = w.fresh()
     s = Session(fs, hist, w.opts)
     if mode == "short":
@@ -799,8 +846,13 @@ def run_point(w: Workload, mode: str, code: int, nth: int, nbytes: int = 0, coun
     plans = [DropAll(), KeepAll()]
     if SOAK:
         plans += [p for p in fs.plans(limit=10) if not isinstance(p, (DropAll, KeepAll))]
+    if reopen:
+        reopen_in_the_same_boot(fs, w, hist, plans, where, count)
+        return True
     for plan in plans:
         verify_image(fs.crash(plan), w, hist, f"{where}, then a power cut {plan!r}", count)
+    if kind == "fsync" and mode == "once":  # step 6: the same point again, reopened before the power cut
+        run_point(w, mode, code, nth, nbytes, count, reopen=True)
     if count:
         reliability.add("io_error_points")
         figure(f"{mode} error points")
@@ -835,7 +887,7 @@ def loop(w: Workload, mode: str, code: int) -> list[str]:
     failures = []
     for nth, nbytes in runs:
         try:
-            fired = run_with_deadline(lambda: run_point(w, mode, code, nth, nbytes), RUN_SECONDS, f"{w.name}: {mode} #{nth}")
+            fired = run_with_deadline(functools.partial(run_point, w, mode, code, nth, nbytes), RUN_SECONDS, f"{w.name}: {mode} #{nth}")
             assert fired, f"{w.name}: {mode} #{nth}: the fault never fired, but the clean run makes that call"
         except AssertionError as e:
             failures.append(str(e).splitlines()[0])
@@ -879,13 +931,13 @@ def test_the_loop_catches_a_retried_fsync() -> None:
         failures = []
         for nth in fsyncs:
             try:
-                run_with_deadline(lambda: run_point(w, "once", errno.EIO, nth, count=False), RUN_SECONDS, f"retry_fsync #{nth}")
+                run_with_deadline(functools.partial(run_point, w, "once", errno.EIO, nth, count=False), RUN_SECONDS, f"retry_fsync #{nth}")
             except AssertionError as e:
                 failures.append(str(e))
     figures.clear()
     figures.update(saved)
     assert failures, "the I/O-error loop did not notice an fsync retried after EIO"
-    assert all("then a power cut DropAll()" in f for f in failures), failures
+    assert all("a power cut DropAll()" in f for f in failures), failures
 
 
 # -- bugs found by the loop, reduced; and the known limitation -----------------------------
@@ -957,17 +1009,14 @@ def test_reads_work_on_a_poisoned_store_with_a_full_cache() -> None:
     assert data == model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG (the known limitation of docs/DESIGN.md, reached without any error): close() checkpoints, "
-    "then WriteAheadLog.close flushes CHECKPOINT_END; that fsync fails and Database._release_files only logs "
-    "a warning, so close() returns normally.  The next open in the same boot adopts the log tail whose "
-    "writes the failed fsync dropped from the durable path (wal/log.py: its plain fsync reports success), "
-    "writes after it and checkpoints past it; after a power cut the log has a hole below the checkpoint "
-    "LSN and open raises CorruptionError: every commit acknowledged after the reopen is lost",
-)
 def test_fsync_error_in_close_then_reopen_and_power_cut_keeps_acked_commits() -> None:
+    """close() checkpoints, then flushes CHECKPOINT_END; that fsync fails and
+    close() only logs it.  The next open in the same boot must not adopt the
+    log tail the failed fsync dropped from the disk's path: if it did, it
+    would write after it and checkpoint past it, and after a power cut the
+    log would have a hole below the checkpoint LSN (CorruptionError, every
+    commit acknowledged after the reopen lost).  The marker the failed fsync
+    left makes the reopen rewrite the segment first."""
     fs = FaultFS(seed=6)
     db = kvstore.open(DB, _fs=fs, **OPTS)
     db.put(b"a", b"1")
@@ -988,3 +1037,51 @@ def test_fsync_error_in_close_then_reopen_and_power_cut_keeps_acked_commits() ->
         raise AssertionError(f"open after the power cut failed: {e!r}") from e
     with db:
         assert dict(db.scan()) == {b"a": b"1", b"b": b"2"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="KNOWN LIMITATION (docs/DESIGN.md): when every file-system call fails, the marker a failed fsync "
+    "leaves cannot be created either; a reopen in the same boot after the disk came back trusts the log tail "
+    "the page cache shows, and a power cut then leaves a hole below commits acknowledged after the reopen",
+)
+def test_fsync_failing_with_every_call_then_reopen_and_power_cut_keeps_acked_commits() -> None:
+    fs = FaultFS(seed=7)
+    db = kvstore.open(DB, _fs=fs, **OPTS)
+    db.put(b"a", b"1")
+    fs.fail("fsync", errno_=errno.EIO, path_contains="wal")
+    fs.fail("create", every=True, errno_=errno.EIO)  # the file system is going: the marker cannot be made
+    with pytest.raises(PoisonedError):
+        db.put(b"b", b"lost with the failed fsync")
+    db.close()
+    fs.clear_faults()
+    with kvstore.open(DB, _fs=fs, **OPTS) as db:
+        db.put(b"c", b"3")  # acknowledged
+        seen = dict(db.scan())
+    try:
+        db = kvstore.open(DB, _fs=fs.crash(DropAll()), **OPTS)
+    except kvstore.CorruptionError as e:
+        raise AssertionError(f"open after the power cut failed: {e!r}") from e
+    with db:
+        assert dict(db.scan()) == seen
+
+
+def test_marker_of_a_failed_fsync_makes_the_reopen_rewrite_the_segment() -> None:
+    """The same history with the marker made: the reopen rewrites the
+    segment before trusting it, and the acknowledged commit survives."""
+    fs = FaultFS(seed=7)
+    db = kvstore.open(DB, _fs=fs, **OPTS)
+    db.put(b"a", b"1")
+    fs.fail("fsync", errno_=errno.EIO, path_contains="wal")
+    with pytest.raises(PoisonedError):
+        db.put(b"b", b"its outcome is unknown")
+    db.close()
+    fs.clear_faults()
+    assert [n for n in fs.listdir(DB) if n.endswith(".fsync-failed")], "the failed fsync left no marker"
+    with kvstore.open(DB, _fs=fs, **OPTS) as db:
+        db.put(b"c", b"3")  # acknowledged
+        seen = dict(db.scan())
+    assert not [n for n in fs.listdir(DB) if n.endswith((".fsync-failed", ".rewrite"))], "the reopen left its files"
+    with kvstore.open(DB, _fs=fs.crash(DropAll()), **OPTS) as db:
+        assert dict(db.scan()) == seen

@@ -27,8 +27,7 @@ import pytest
 from kvstore import reliability
 from pages.faultfs import DropAll, FaultFS, GrownNotWritten
 from pages.fs import OsFileSystem
-from wal import NO_LSN, ClosedError, CorruptionError, PoisonedError, RecordType, WriteAheadLog
-from wal import failpoints
+from wal import NO_LSN, ClosedError, CorruptionError, PoisonedError, RecordType, WriteAheadLog, failpoints
 from wal.format import MAX_PAYLOAD, SEGMENT_HEADER_SIZE, decode_record, decode_segment_header, parse_segment_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -446,7 +445,7 @@ def test_kill_at_a_failpoint_in_a_child_loses_no_acknowledged_record(tmp_path):
     assert set(acked) <= set(got) and got[: len(acked)] == acked
 
 
-# -- regressions of bugs found and fixed; one known limitation stays a strict xfail ---
+# -- regressions of bugs found and fixed ---
 
 
 def test_unknown_record_type_is_refused_at_append():
@@ -538,10 +537,12 @@ def test_exception_in_the_leader_never_acknowledges_unwritten_records():
     log.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after an fsync error, a reopen without a power cut adopts the tail "
-                   "the kernel dropped from the durable path and states it durable in later records; a power cut "
-                   "then makes open raise CorruptionError and lose acknowledged records (wal/log.py open)")
 def test_reopen_after_failed_fsync_then_power_cut_keeps_acked_records():
+    """After an fsync error, a reopen without a power cut sees the record the
+    kernel dropped from the disk's path in the page cache.  It must make it
+    durable (rewrite the segment, as the failed fsync's marker asks) before
+    appending after it; otherwise a power cut leaves a hole below an
+    acknowledged record, and open raises CorruptionError."""
     fs = FaultFS(dirs=[D])
     log = open_log(fs)
     log.append(RecordType.PAGE_REDO, 1, b"u" * 200)

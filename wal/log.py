@@ -23,9 +23,10 @@ import logging
 import os
 from typing import Any
 
+from wal import fsync_failure
 from wal.errors import CorruptionError
 from wal.failpoints import failpoint
-from wal.format import COMPRESS_THRESHOLD, encode_segment_header, segment_name
+from wal.format import COMPRESS_THRESHOLD, encode_segment_header, parse_segment_name, segment_name
 from wal.reader import LogState, Segment, inspect_log
 from wal.writer import LogWriter, check_writer_args
 
@@ -67,6 +68,8 @@ class WriteAheadLog(LogWriter):
         if not isinstance(durable_lsn, int) or durable_lsn < 0:
             raise ValueError(f"durable_lsn must be an int >= 0, not {durable_lsn!r}")
         check_writer_args(sync, segment_size)  # before anything is written
+        # A failed fsync left a segment whose page-cache tail may not be on the disk: rewrite it first.
+        fsync_failure.repair(fs, directory, lambda name: parse_segment_name(name) is not None)
         state = inspect_log(fs, directory, db_id, known_durable=durable_lsn)
         if state.segments and state.segments[0].first_lsn > durable_lsn:
             raise CorruptionError(
@@ -83,7 +86,7 @@ class WriteAheadLog(LogWriter):
             # make it durable before anything states it is (L1, L5).
             f = fs.open(state.segments[-1].path)
             try:
-                f.fsync()
+                fsync_failure.fsync(fs, f, state.segments[-1].path)
             finally:
                 f.close()
         self = cls(
@@ -107,7 +110,7 @@ class WriteAheadLog(LogWriter):
                 try:
                     f.truncate(size)
                     failpoint("wal.before_tail_cut_fsync")
-                    f.fsync()
+                    fsync_failure.fsync(fs, f, path)
                 finally:
                     f.close()
 
@@ -117,7 +120,7 @@ class WriteAheadLog(LogWriter):
         f = fs.create(path)
         try:
             f.pwrite(0, encode_segment_header(db_id, first_lsn))
-            f.fsync()  # L3 of wal.writer
+            fsync_failure.fsync(fs, f, path)  # L3 of wal.writer
         finally:
             f.close()
         return Segment(path, first_lsn, first_lsn)

@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from wal import canary
+from wal import canary, fsync_failure
 from wal.errors import ClosedError, PoisonedError
 from wal.failpoints import failpoint
 from wal.format import (
@@ -286,7 +286,7 @@ class LogWriter:
                     except OSError:
                         f.fsync()  # the bug: Linux reports success, the data is gone
                 else:
-                    f.fsync()  # L1
+                    fsync_failure.fsync(self._fs, f, os.path.join(self._dir, segment_name(self._file_first)))  # L1
                 failpoint("wal.after_fsync")
         except BaseException as e:  # a failed fsync is never retried (L4)
             error = e
@@ -349,14 +349,14 @@ class LogWriter:
         """Start a new segment at ``first_lsn`` (L2, L3)."""
         failpoint("wal.before_roll_fsync")
         self.fsyncs += 1
-        self._file.fsync()  # L2
+        fsync_failure.fsync(self._fs, self._file, os.path.join(self._dir, segment_name(self._file_first)))  # L2
         path = os.path.join(self._dir, segment_name(first_lsn))
         new = self._fs.create(path)
         try:
             new.pwrite(0, encode_segment_header(self._db_id, first_lsn))
             failpoint("wal.before_segment_header_fsync")
             self.fsyncs += 1
-            new.fsync()  # L3
+            fsync_failure.fsync(self._fs, new, path)  # L3
         except BaseException:
             new.close()
             raise
