@@ -9,18 +9,26 @@ Run (the project's addopts disable benchmarks, so enable them)::
 What is measured (16-byte keys, 100-byte random values, seeded RNG, a real
 disk -- see ``bench/conftest.py``):
 
-* ``test_restart[keys-wal]``: ``kvstore.open`` of a crashed store of ``keys``
-  keys (10,000 and 100,000; 10,000 and 1,000,000 with ``KVSTORE_BENCH_BIG=1``)
-  with ``wal`` MiB (1, 8, 64) of log since its last checkpoint.  Each store is
-  built once (automatic checkpoints off: huge ``checkpoint_wal_bytes`` and
-  ``checkpoint_interval``), checkpointed, then updated (random keys, 50 per
-  transaction, sync off) until the log holds ``wal`` MiB beyond the
-  checkpoint; the log is flushed to the OS and the directory is copied while
-  the store is open -- the copy is the crashed image.  Every round opens a
-  fresh copy of it; the time is that of ``open`` (analysis, redo, undo and the
-  checkpoint that ends recovery), with the default 64 MiB cache.
-  ``extra_info``: ``wal_mib``, ``open_s`` (median), ``mib_replayed_per_s``
-  (``wal_mib / open_s``), the ``recovery_*`` figures of ``stats()``.
+* ``test_restart[keys-updated-wal]``: ``kvstore.open`` of a crashed store of
+  ``keys`` keys (10,000 and 100,000; 10,000 and 1,000,000 with
+  ``KVSTORE_BENCH_BIG=1``) with ``wal`` MiB (1, 8, 64) of log since its last
+  checkpoint, the log's updates drawn from the first ``updated`` keys (all
+  of them, or for the big store also only the small store's count).  Each
+  store is built once (automatic checkpoints off: huge
+  ``checkpoint_wal_bytes`` and ``checkpoint_interval``), checkpointed, then
+  updated (random keys, 50 per transaction, sync off) until the log holds
+  ``wal`` MiB beyond the checkpoint; the log is flushed to the OS and the
+  directory is copied while the store is open -- the copy is the crashed
+  image.  Every round opens a fresh copy of it; the time is that of
+  ``open`` (analysis and redo in one pass, undo, and the checkpoint that
+  ends recovery), with the default 64 MiB cache.  ``extra_info``:
+  ``wal_mib``, ``open_s`` (median), ``mib_replayed_per_s`` (``wal_mib /
+  open_s``), ``pages_redone`` (distinct pages the log names: restart reads
+  each once and the checkpoint writes it), the ``recovery_*`` figures of
+  ``stats()``.  Restart costs the log plus the pages it names, so the same
+  log restarts in the same time over a store 100 times larger
+  (``[1000000-10000-*]`` against ``[10000-10000-*]``), and a log that names
+  more distinct pages costs more per MiB.
 * ``test_checkpoint_stall``: a store with ``P`` dirty 4 KiB pages (20,000;
   100,000 with ``KVSTORE_BENCH_BIG=1``) in a cache big enough to keep them all
   dirty; ``db.checkpoint()`` runs in another thread while this one commits
@@ -50,6 +58,11 @@ import kvstore
 
 BIG = bool(os.environ.get("KVSTORE_BENCH_BIG"))
 KEY_COUNTS = [10_000, 1_000_000] if BIG else [10_000, 100_000]
+#: (keys in the store, keys the log's updates are drawn from): every store
+#: updated throughout, and the big one also with updates confined to as many
+#: keys as the small one holds -- the same log over a database 10 to 100
+#: times larger.
+RESTART_STORES = [(n, n) for n in KEY_COUNTS] + [(KEY_COUNTS[1], KEY_COUNTS[0])]
 WAL_MIBS = [1, 8, 64]
 STALL_PAGES = 100_000 if BIG else 20_000
 SEED = 20240612
@@ -84,12 +97,13 @@ def _summary(request: Any) -> Any:
 
 class Images:
     """Crashed images, built lazily and once: base stores per key count, and
-    crashed copies per (keys, wal MiB)."""
+    crashed copies per (keys, wal MiB, keys updated)."""
 
     def __init__(self, root: str) -> None:
         self.root = root
         self.bases: dict[int, str] = {}
-        self.crashed: dict[tuple[int, int], str] = {}
+        self.crashed: dict[tuple[int, int, int], str] = {}
+        self.crashed_info: dict[tuple[int, int, int], dict] = {}
 
     def base(self, keys: int) -> str:
         """A closed (checkpointed) store of ``keys`` keys."""
@@ -104,10 +118,11 @@ class Images:
             self.bases[keys] = path
         return self.bases[keys]
 
-    def image(self, keys: int, wal_mib: int) -> tuple[str, dict]:
-        """A crashed copy with ``wal_mib`` MiB of log after its checkpoint."""
-        if (keys, wal_mib) not in self.crashed:
-            live = os.path.join(self.root, f"live-{keys}-{wal_mib}")
+    def image(self, keys: int, wal_mib: int, updated: int) -> tuple[str, dict]:
+        """A crashed copy with ``wal_mib`` MiB of log after its checkpoint,
+        updating keys drawn from the first ``updated``."""
+        if (keys, wal_mib, updated) not in self.crashed:
+            live = os.path.join(self.root, f"live-{keys}-{wal_mib}-{updated}")
             shutil.copytree(self.base(keys), live)
             rng = random.Random(SEED + 7 * wal_mib)
             db = kvstore.open(live, sync="off", **NO_AUTO)
@@ -116,18 +131,17 @@ class Images:
             while db._wal.end_lsn - start < wal_mib * MiB:
                 with db.transaction() as tx:
                     for _ in range(50):
-                        tx.put(key(rng.randrange(keys)), rng.randbytes(100))
+                        tx.put(key(rng.randrange(updated)), rng.randbytes(100))
                 commits += 1
             db._wal.flush(sync=False)  # what the OS has survives a process crash
-            image = os.path.join(self.root, f"crashed-{keys}-{wal_mib}")
+            image = os.path.join(self.root, f"crashed-{keys}-{wal_mib}-{updated}")
             shutil.copytree(live, image)  # the store is open: a crash image
             info = {"wal_bytes": db._wal.end_lsn - start, "commits": commits}
             db.close()
             shutil.rmtree(live)
-            self.crashed[(keys, wal_mib)] = image
-            self.crashed_info = getattr(self, "crashed_info", {})
-            self.crashed_info[(keys, wal_mib)] = info
-        return self.crashed[(keys, wal_mib)], self.crashed_info[(keys, wal_mib)]
+            self.crashed[(keys, wal_mib, updated)] = image
+            self.crashed_info[(keys, wal_mib, updated)] = info
+        return self.crashed[(keys, wal_mib, updated)], self.crashed_info[(keys, wal_mib, updated)]
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +153,10 @@ def images(disk_root: str) -> Any:
 
 
 @pytest.mark.parametrize("wal_mib", WAL_MIBS)
-@pytest.mark.parametrize("keys", KEY_COUNTS)
+@pytest.mark.parametrize(("keys", "updated"), RESTART_STORES, ids=lambda v: f"{v:_}")
 @pytest.mark.benchmark(group="restart")
-def test_restart(benchmark: Any, images: Images, keys: int, wal_mib: int) -> None:
-    image, built = images.image(keys, wal_mib)
+def test_restart(benchmark: Any, images: Images, keys: int, updated: int, wal_mib: int) -> None:
+    image, built = images.image(keys, wal_mib, updated)
     opened: list[kvstore.Database] = []
     seconds: list[float] = []
     copies: list[str] = []
@@ -183,6 +197,7 @@ def test_restart(benchmark: Any, images: Images, keys: int, wal_mib: int) -> Non
     benchmark.extra_info.update(
         {
             "keys": keys,
+            "updated": updated,
             "wal_mib": round(wal, 2),
             "open_s": round(med, 3),
             "open_s_min": round(min(seconds), 3),
@@ -190,10 +205,12 @@ def test_restart(benchmark: Any, images: Images, keys: int, wal_mib: int) -> Non
             "recovery_seconds": round(st["recovery_seconds"], 3),
             "records_scanned": st["recovery_records_scanned"],
             "ops_redone": st["recovery_ops_redone"],
+            "pages_redone": st["recovery_pages_redone"],
+            "ms_per_1000_pages": round(med * 1e6 / max(1, st["recovery_pages_redone"]), 1),
             "records_per_s": int(st["recovery_records_scanned"] / med),
         }
     )
-    _SUMMARY[f"restart[{keys}-{wal_mib}MiB]"] = dict(benchmark.extra_info)
+    _SUMMARY[f"restart[{keys}/{updated}-{wal_mib}MiB]"] = dict(benchmark.extra_info)
 
 
 # --- commit latency while a checkpoint runs ---------------------------------------------------

@@ -15,8 +15,9 @@ transactions run at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from wal.errors import ConflictError, TransactionError
 
@@ -61,7 +62,7 @@ class Savepoint:
 
     __slots__ = ("tx", "undo", "seq")
 
-    def __init__(self, tx: "Transaction", undo: int, seq: int) -> None:
+    def __init__(self, tx: Transaction, undo: int, seq: int) -> None:
         self.tx = tx
         self.undo = undo  # the transaction's last undo pointer when taken
         self.seq = seq
@@ -78,7 +79,7 @@ class Transaction:
         "last_lsn", "savepoints", "ssi", "writes", "gid", "_in_with", "_blocked_by", "_line", "_thread",
     )
 
-    def __init__(self, db: "Database", snapshot: "Snapshot", readonly: bool, isolation: str, ssi: "SsiTxn | None") -> None:
+    def __init__(self, db: Database, snapshot: Snapshot, readonly: bool, isolation: str, ssi: SsiTxn | None) -> None:
         self.db = db
         self.txid = 0  # assigned at the first write
         self.snapshot = snapshot
@@ -203,7 +204,7 @@ class Transaction:
 
     # --- the with statement ---------------------------------------------------------
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         self._in_with = True
         return self
 

@@ -16,7 +16,8 @@ the image already reflects that.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pages.format import PageType
 from pages.node import Op, apply_tree_op, decode_node, pack_ops, unpack_ops
@@ -91,8 +92,9 @@ def apply_logged(pool: Any, pagefile: Any, ops: list, lsn: int) -> None:
         _apply(pool, pagefile, lid, op, data, lsn)
 
 
-def redo_record(pool: Any, pagefile: Any, lsn: int, payload: bytes) -> int:
-    """Re-apply a logged PAGE_REDO record; return how many ops changed a page."""
+def redo_record(pool: Any, pagefile: Any, lsn: int, payload: bytes, touched: set[int] | None = None) -> int:
+    """Re-apply a logged PAGE_REDO record; return how many ops changed a
+    page.  Adds every page the record names to ``touched``."""
     pool.begin_op()
     try:
         decided: dict[int, bool] = {}
@@ -101,6 +103,8 @@ def redo_record(pool: Any, pagefile: Any, lsn: int, payload: bytes) -> int:
             go = decided.get(lid)
             if go is None:
                 go = decided[lid] = _needs_redo(pool, pagefile, lid, op, lsn)
+                if touched is not None:
+                    touched.add(lid)
             if go:
                 _apply(pool, pagefile, lid, op, data, lsn)
                 applied += 1

@@ -21,6 +21,7 @@ was durable, so a restart reproduces the pages exactly.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pages.btree import BTree
@@ -73,7 +74,7 @@ class PageStore:
         page_size: int = 4096,
         cache_size: int = 64 * 2**20,
         min_page_size: int = MIN_PAGE_SIZE,
-    ) -> "PageStore":
+    ) -> PageStore:
         """A new page file with an empty tree and rollback segment, flipped
         durable at the log's current end."""
         pagefile = PageFile.create(fs, page_file_path(directory), page_size, db_id, min_page_size=min_page_size)
@@ -84,7 +85,7 @@ class PageStore:
         return self
 
     @classmethod
-    def open(cls, fs: Any, directory: str, wal: WriteAheadLog, *, cache_size: int = 64 * 2**20) -> "PageStore":
+    def open(cls, fs: Any, directory: str, wal: WriteAheadLog, *, cache_size: int = 64 * 2**20) -> PageStore:
         """Open the durable image (run ``redo`` next to catch up with the log)."""
         pagefile = PageFile.open(fs, page_file_path(directory))
         return cls(pagefile, wal, cache_size, cls.roots_of(pagefile.meta.app))
@@ -115,13 +116,24 @@ class PageStore:
         """Replay every PAGE_REDO record from ``from_lsn`` (default: the
         image's checkpoint LSN) to the end of the log."""
         start = self.pagefile.meta.checkpoint_lsn if from_lsn is None else from_lsn
+        return self.redo_records(self.wal.records(start))
+
+    def redo_records(self, records: Iterable[Any], observe: Callable[[Any], None] | None = None) -> dict[str, int]:
+        """Replay the page ops of ``records`` (log records in LSN order),
+        calling ``observe`` with every record first (restart's analysis
+        rides along).  Returns records scanned, ops applied, and the distinct
+        pages redo had to look at."""
         scanned = applied = 0
-        for rec in self.wal.records(start):
+        pages: set[int] = set()
+        pool, pagefile = self.pool, self.pagefile
+        for rec in records:
             scanned += 1
+            if observe is not None:
+                observe(rec)
             offset = OPS_OFFSET.get(rec.type)
             if offset is not None:
-                applied += redo_record(self.pool, self.pagefile, rec.lsn, rec.payload[offset:] if offset else rec.payload)
-        return {"records_scanned": scanned, "ops_applied": applied}
+                applied += redo_record(pool, pagefile, rec.lsn, rec.payload[offset:] if offset else rec.payload, pages)
+        return {"records_scanned": scanned, "ops_applied": applied, "pages_redone": len(pages)}
 
     def pages(self) -> dict[int, Any]:
         """Every allocated page's decoded content (for tests and check)."""

@@ -12,7 +12,10 @@ CHECKPOINT_BEGIN record there with the transaction table at that moment
    begun: the transaction is no longer in doubt, and undo finishes it.  The largest transaction id seen sets the next one.
 2. **Redo** repeats history from the checkpoint LSN: every record carrying
    page ops (PAGE_REDO, TXN_WRITE, CLR) is applied where page LSN < record
-   LSN (``pages.redo``).  Losers' changes are redone too.
+   LSN (``pages.redo``).  Losers' changes are redone too.  Redo needs
+   nothing from analysis, so both ride one pass over the log.  Its cost is
+   the log's records plus one read (and, at the checkpoint that follows, one
+   write) of each distinct page the log names -- never the whole database.
 3. **Undo** rolls back every loser -- unfinished and not prepared -- through
    its undo chain, writing a CLR per step (``recovery.undo``), then ABORT.
    Prepared transactions stay in doubt with their versions in place.
@@ -30,8 +33,9 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pages.rollback_segment import RollbackSegment  # noqa: F401 - documents the dependency
 from recovery.undo import clr_undo_next, rollback_chain
@@ -76,6 +80,7 @@ def decode_checkpoint(payload: bytes, where: str) -> tuple[int, dict[int, list[A
 class RestartReport:
     records_scanned: int = 0
     ops_redone: int = 0
+    pages_redone: int = 0  # distinct pages redo looked at: what restart costs beyond the log
     undone: int = 0
     max_txid: int = 0
     seconds: float = 0.0
@@ -85,6 +90,7 @@ class RestartReport:
         return {
             "recovery_records_scanned": self.records_scanned,
             "recovery_ops_redone": self.ops_redone,
+            "recovery_pages_redone": self.pages_redone,
             "recovery_transactions_undone": self.undone,
             "recovery_transactions_in_doubt": len(self.prepared),
         }
@@ -93,28 +99,28 @@ class RestartReport:
 AppendClr = Callable[..., int]  # (txid, undo_next, ops, prev_lsn) -> LSN
 
 
-def analyse(wal: Any, checkpoint_lsn: int) -> tuple[dict[int, list[Any]], int, int]:
-    """(table of unfinished transactions, largest txid seen, records after
-    the checkpoint other than CHECKPOINT_END -- zero after a clean close).  Raises CorruptionError if the checkpoint record is not
-    where the meta says."""
-    records = wal.records(checkpoint_lsn)
-    first = next(records, None)
-    where = f"log at checkpoint LSN {checkpoint_lsn}"
-    if first is None or first.lsn != checkpoint_lsn or first.type != RecordType.CHECKPOINT_BEGIN:
-        raise CorruptionError(where, "the checkpoint record the page file names is not there")
-    next_txid, table = decode_checkpoint(first.payload, where)
-    max_txid = next_txid - 1
-    scanned = 0
-    for rec in records:
-        if rec.type == RecordType.CHECKPOINT_END:
-            continue  # the end of a checkpoint is no work to redo (a clean close leaves only it)
-        scanned += 1
+class Analysis:
+    """ARIES analysis, fed the log's records in order from the checkpoint:
+    the table of unfinished transactions ``{txid: [last undo, last LSN,
+    gid]}``, the largest txid seen, and how many records after the checkpoint
+    are work (all but CHECKPOINT_END -- zero after a clean close)."""
+
+    def __init__(self, next_txid: int, table: dict[int, list[Any]]) -> None:
+        self.table = table
+        self.max_txid = next_txid - 1
+        self.scanned = 0
+
+    def see(self, rec: Any) -> None:
+        rtype = rec.type
+        if rtype == RecordType.CHECKPOINT_END:
+            return  # the end of a checkpoint is no work to redo (a clean close leaves only it)
+        self.scanned += 1
         txid = rec.txid
         if not txid:
-            continue
-        if txid > max_txid:
-            max_txid = txid
-        rtype = rec.type
+            return
+        if txid > self.max_txid:
+            self.max_txid = txid
+        table = self.table
         if rtype == RecordType.TXN_WRITE:
             entry = table.setdefault(txid, [0, NO_LSN, None])
             entry[0], entry[1] = _U64.unpack_from(rec.payload)[0], rec.lsn
@@ -127,7 +133,18 @@ def analyse(wal: Any, checkpoint_lsn: int) -> tuple[dict[int, list[Any]], int, i
             entry[1], entry[2] = rec.lsn, bytes(rec.payload)
         elif rtype in (RecordType.COMMIT, RecordType.ABORT):
             table.pop(txid, None)
-    return table, max_txid, scanned
+
+
+def begin_analysis(wal: Any, checkpoint_lsn: int) -> tuple[Iterator[Any], Analysis]:
+    """The log's records after the checkpoint record at ``checkpoint_lsn``,
+    and an Analysis seeded from that record.  Raises CorruptionError if the
+    checkpoint record is not where the meta says."""
+    records = wal.records(checkpoint_lsn)
+    first = next(records, None)
+    where = f"log at checkpoint LSN {checkpoint_lsn}"
+    if first is None or first.lsn != checkpoint_lsn or first.type != RecordType.CHECKPOINT_BEGIN:
+        raise CorruptionError(where, "the checkpoint record the page file names is not there")
+    return records, Analysis(*decode_checkpoint(first.payload, where))
 
 
 def restart(store: Any, wal: Any, append_clr: AppendClr) -> RestartReport:
@@ -135,11 +152,13 @@ def restart(store: Any, wal: Any, append_clr: AppendClr) -> RestartReport:
     Caller holds whatever latch protects ``store``."""
     started = time.monotonic()
     report = RestartReport()
-    checkpoint_lsn = store.pagefile.meta.checkpoint_lsn
-    table, report.max_txid, report.records_scanned = analyse(wal, checkpoint_lsn)
-    if report.records_scanned:
-        report.ops_redone = store.redo(checkpoint_lsn)["ops_applied"]
-    for txid, (last_undo, last_lsn, gid) in sorted(table.items()):
+    records, analysis = begin_analysis(wal, store.pagefile.meta.checkpoint_lsn)
+    # Analysis and redo in one pass over the log: redo repeats history
+    # whatever analysis finds, and the log was validated when it was opened.
+    redone = store.redo_records(records, analysis.see)
+    report.ops_redone, report.pages_redone = redone["ops_applied"], redone["pages_redone"]
+    report.max_txid, report.records_scanned = analysis.max_txid, analysis.scanned
+    for txid, (last_undo, last_lsn, gid) in sorted(analysis.table.items()):
         if gid is not None:
             report.prepared[txid] = (last_undo, last_lsn, gid)
             continue
