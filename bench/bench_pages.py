@@ -115,7 +115,7 @@ def make_dataset(n: int, seed: int = SEED) -> Dataset:
 
 def fill(db: Store, keys: list[bytes], values: list[bytes]) -> None:
     put = db.store.tree.put
-    for k, v in zip(keys, values):
+    for k, v in zip(keys, values, strict=True):
         put(k, v)
 
 
@@ -229,7 +229,7 @@ def big(tmp_path_factory: Any) -> Any:
     ds.extra["get_keys"] = [ds.keys[rng.randrange(KEYS)] for _ in range(GET_BATCH)]
     starts = [rng.randrange(KEYS - SCAN_LEN) for _ in range(SCAN_BATCH)]
     ds.extra["scan_ranges"] = [(ds.keys[s], ds.keys[s + SCAN_LEN]) for s in starts]
-    ds.extra["scan_lists"] = [list(zip(ds.keys[s : s + SCAN_LEN], ds.values[s : s + SCAN_LEN])) for s in starts]
+    ds.extra["scan_lists"] = [list(zip(ds.keys[s : s + SCAN_LEN], ds.values[s : s + SCAN_LEN], strict=True)) for s in starts]
     yield ds
     assert ds.db is not None
     ds.db.close()
@@ -256,7 +256,7 @@ def test_insert_random(benchmark: Any, tmp_path_factory: Any) -> None:
         return (db.store.tree.put,), {}
 
     def run(put: Any) -> None:
-        for k, v in zip(new_keys, new_values):
+        for k, v in zip(new_keys, new_values, strict=True):
             put(k, v)
 
     def teardown(put: Any) -> None:
@@ -328,8 +328,7 @@ def test_get_kvstore_warm(benchmark: Any, big: Dataset) -> None:
 
 
 def _list_gen(items: list) -> Any:
-    for item in items:
-        yield item
+    yield from items
 
 
 def _scan_floor_fn(ds: Dataset) -> Any:
@@ -359,7 +358,7 @@ def test_scan_kvstore(benchmark: Any, big: Dataset) -> None:
     assert big.db is not None
     tree = big.db.store.tree
     ranges = big.extra["scan_ranges"]
-    for (start, stop), items in zip(ranges, big.extra["scan_lists"]):
+    for (start, stop), items in zip(ranges, big.extra["scan_lists"], strict=True):
         got = [(k, c[3]) for k, c in tree.scan(start, stop)]
         assert got == items
 

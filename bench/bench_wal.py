@@ -39,8 +39,8 @@ import time
 import uuid
 
 import pytest
-
 from conftest import PAIRED, RESULTS, fs_type, fsync_probe
+
 from pages.fs import OsFileSystem
 from wal.format import RecordType
 from wal.log import WriteAheadLog

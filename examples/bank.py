@@ -77,7 +77,7 @@ def main(workdir):
                     amount = rng.randint(1, 200)
                     # db.run commits when transfer returns; on ConflictError it
                     # rolls back, backs off a little and calls transfer again.
-                    db.run(lambda tx: transfer(tx, src, dst, amount), retries=100)
+                    db.run(lambda tx, src=src, dst=dst, amount=amount: transfer(tx, src, dst, amount), retries=100)
             except BaseException as err:
                 errors.append(err)
 

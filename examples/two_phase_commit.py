@@ -132,7 +132,7 @@ def recover(bank_a, bank_b, decisions):
 
 def main(workdir):
     path_a, path_b, path_log = paths(workdir)
-    for path, accounts in zip((path_a, path_b), OPENING):
+    for path, accounts in zip((path_a, path_b), OPENING, strict=True):
         with kvstore.open(path) as db, db.transaction() as tx:
             for account, amount in accounts.items():
                 tx.put(account, str(amount).encode())

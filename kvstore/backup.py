@@ -24,13 +24,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pages.pagefile import PAGE_FILE_NAME
+from kvstore.database import Database
+from pages.fs import FileSystem
+from pages.pagefile import PAGE_FILE_NAME, PageFile
 from wal.format import SEGMENT_HEADER_SIZE
 
 CHUNK = 1 << 20
 
 
-def backup(db: Any, dest: str) -> dict[str, Any]:
+def backup(db: Database, dest: str) -> dict[str, Any]:
     """Write a consistent copy of ``db`` into directory ``dest``.
 
     ``dest`` must not exist, or be an empty directory; otherwise ValueError.
@@ -53,6 +55,7 @@ def backup(db: Any, dest: str) -> dict[str, Any]:
     with ckpt._mutex:
         with db._latch:
             store, wal = db._store, db._wal
+            assert store is not None and wal is not None  # the caller checked that db is open
             pagefile = store.pagefile
             meta = pagefile.meta
             meta_slot = pagefile._meta_slot
@@ -71,7 +74,7 @@ def backup(db: Any, dest: str) -> dict[str, Any]:
     return {"dest": dest, "pages": pages, "wal_bytes": wal_bytes, "end_lsn": end, "checkpoint_lsn": meta.checkpoint_lsn}
 
 
-def _copy_page_file(fs: Any, pagefile: Any, dest: str, meta_slot: int, slots: list[int], page_size: int) -> int:
+def _copy_page_file(fs: FileSystem, pagefile: PageFile, dest: str, meta_slot: int, slots: list[int], page_size: int) -> int:
     src = pagefile._file
     out = fs.create(os.path.join(dest, PAGE_FILE_NAME))
     try:
@@ -86,7 +89,7 @@ def _copy_page_file(fs: Any, pagefile: Any, dest: str, meta_slot: int, slots: li
     return len(slots)
 
 
-def _copy_prefix(fs: Any, src_path: str, dst_path: str, size: int) -> int:
+def _copy_prefix(fs: FileSystem, src_path: str, dst_path: str, size: int) -> int:
     src = fs.open(src_path)
     out = fs.create(dst_path)
     try:

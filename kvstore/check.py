@@ -22,19 +22,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvstore.database import Database
 from wal.errors import CorruptionError
 
 
-def check(db: Any) -> dict[str, Any]:
+def check(db: Database) -> dict[str, Any]:
     # The checkpointer's mutex first (as backup takes it): a flip in flight
     # has slots written but not yet in any image, which would look leaked.
     with db._checkpointer._mutex:
         return _check(db)
 
 
-def _check(db: Any) -> dict[str, Any]:
+def _check(db: Database) -> dict[str, Any]:
     with db._latch:
         store, wal = db._store, db._wal
+        assert store is not None and wal is not None  # the caller checked that db is open
         pagefile = store.pagefile
         report: dict[str, Any] = {"page_size": pagefile.page_size}
         checked = 0

@@ -15,7 +15,8 @@ import binascii
 import json
 import os
 import sys
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import kvstore
 from pages.fs import OsFileSystem
@@ -129,7 +130,7 @@ def cmd_dump(args: argparse.Namespace, out: TextIO) -> int:
     b64 = base64.b64encode
     with _open_existing(args.path) as db:
         for key, value in db.scan():  # streams: one leaf at a time
-            out.write('{"key": "%s", "value": "%s"}\n' % (b64(key).decode(), b64(value).decode()))
+            out.write(f'{{"key": "{b64(key).decode()}", "value": "{b64(value).decode()}"}}\n')
     return 0
 
 
@@ -337,10 +338,11 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, inp: TextIO |
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on bad usage
+    fn: Callable[..., int] = args.fn  # set by add() in build_parser
     try:
-        if args.fn is cmd_load:
+        if fn is cmd_load:
             return cmd_load(args, out, inp or sys.stdin)
-        return args.fn(args, out)
+        return fn(args, out)
     except UserError as e:
         sys.stderr.write(f"kvstore {args.command}: {e}\n")
         return 1

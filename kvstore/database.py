@@ -30,7 +30,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.mvcc import Snapshot, visible_version
 from kvstore.ssi import SsiManager
@@ -41,17 +41,21 @@ from kvstore.transaction import (
     COMMITTING,
     PREPARED,
     Transaction,
+    check_key,
 )
 from pages.fs import FileSystem, OsFileSystem
-from pages.node import FLAG_DELETED, OverflowRef, pack_ops
+from pages.node import FLAG_DELETED, Cell, OverflowRef, PageOp, Value, pack_ops
 from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
-from pages.rollback_segment import UNDONE, RollbackSegment, encode_undo
+from pages.rollback_segment import UNDONE, RollbackSegment, UndoRecord, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
 from wal import canary, fsync_failure
 from wal.errors import ClosedError, ConflictError, CorruptionError, DatabaseLockedError, PoisonedError, TransactionError
 from wal.format import NO_LSN, RecordType, parse_segment_name
 from wal.log import WriteAheadLog
+
+if TYPE_CHECKING:
+    from recovery.checkpointer import Checkpointer
 
 log = logging.getLogger("kvstore")
 
@@ -192,7 +196,7 @@ class Database:
         self._recovery: dict[str, Any] = {"recovery_seconds": 0.0}
         self._commits_since_purge = 0
         self._poison: BaseException | None = None
-        self._checkpointer: Any = None
+        self._checkpointer: Checkpointer  # set by _open (_make_checkpointer) before the database is returned
         self._damaged = False  # a CorruptionError was raised while open
         self._end_at_open = 0
         self._open(create, page_size, cache_size)
@@ -221,7 +225,9 @@ class Database:
                 raise FileNotFoundError(f"no database at {path!r} (and create=False)")
         elif not self._looks_like_page_file(os.path.join(path, PAGE_FILE_NAME)):
             if any(parse_segment_name(n) is not None for n in names):  # a database whose metas are both damaged
-                raise CorruptionError(os.path.join(path, PAGE_FILE_NAME), "neither meta page carries the kvstore magic, though the directory holds log segments")
+                raise CorruptionError(
+                    os.path.join(path, PAGE_FILE_NAME), "neither meta page carries the kvstore magic, though the directory holds log segments"
+                )
             raise ValueError(f"{path!r} holds a {PAGE_FILE_NAME} that is not a kvstore page file")
         try:
             self._file_lock = fs.lock(os.path.join(path, LOCK_FILE_NAME))
@@ -239,10 +245,14 @@ class Database:
                 except CorruptionError as e:
                     pagefile.close()
                     if pagefile.meta_damage:  # the log does not fit the older meta: the newer one is damaged
-                        raise CorruptionError(page_path, f"a meta page is damaged ({pagefile.meta_damage}); the older meta's log does not fit it: {e}") from e
+                        raise CorruptionError(
+                            page_path, f"a meta page is damaged ({pagefile.meta_damage}); the older meta's log does not fit it: {e}"
+                        ) from e
                     if e.where == path:  # the log as a whole does not fit the meta (not one damaged segment)
                         raise CorruptionError(
-                            page_path, f"its meta page (checkpoint LSN {pagefile.meta.checkpoint_lsn}) does not fit the log, a stale page file or a lost segment: {e}"
+                            page_path,
+                            f"its meta page (checkpoint LSN {pagefile.meta.checkpoint_lsn}) does not fit the log, "
+                            f"a stale page file or a lost segment: {e}",
                         ) from e
                     raise
                 self._store = PageStore(pagefile, self._wal, cache_size, None)
@@ -310,7 +320,7 @@ class Database:
             on_error=self._checkpoint_failed,
         )
 
-    def _checkpoint_table(self) -> tuple[dict, int]:
+    def _checkpoint_table(self) -> tuple[dict[int, tuple[int, int, bytes | None]], int]:
         """The transaction table for CHECKPOINT_BEGIN.  Caller holds the latch.
 
         A transaction whose COMMIT is already logged (waiting for group
@@ -363,7 +373,7 @@ class Database:
         if report.records_scanned:
             self._checkpointer.checkpoint(latch_held=True)
 
-    def _append_clr_for(self, txid: int, undo_next: int, ops: list, prev_lsn: int = NO_LSN) -> int:
+    def _append_clr_for(self, txid: int, undo_next: int, ops: list[PageOp], prev_lsn: int = NO_LSN) -> int:
         assert self._wal is not None
         return self._wal.append(RecordType.CLR, txid, clr_payload(undo_next, ops), prev_lsn)
 
@@ -397,10 +407,11 @@ class Database:
         return self._wal.end_lsn == self._end_at_open or self._checkpointer.idle_since_last()
 
     def _release_files(self, flush: bool = True) -> None:
+        wal, store, file_lock = self._wal, self._store, self._file_lock
         for closer in (
-            (lambda: self._wal.close(flush)) if self._wal is not None else None,
-            (lambda: self._store.close()) if self._store is not None else None,
-            (lambda: self._file_lock.release()) if self._file_lock is not None else None,
+            (lambda: wal.close(flush)) if wal is not None else None,
+            (lambda: store.close()) if store is not None else None,
+            (lambda: file_lock.release()) if file_lock is not None else None,
         ):
             if closer is not None:
                 try:
@@ -539,6 +550,7 @@ class Database:
             tx = self._writers.get(txid) if txid > 0 else None
             held_open = tx is not None and tx.state != COMMITTING and tx._line is None
             if held_open:
+                assert tx is not None  # held_open implies it
                 if tx.state == PREPARED or tx._thread == threading.get_ident():
                     return False
                 timeout = min(timeout, patience[0])
@@ -554,6 +566,27 @@ class Database:
     # autocommit helpers
     def get(self, key: bytes, default: Any = None) -> Any:
         """``key``'s committed value, or ``default``."""
+        if self.isolation == "snapshot":
+            # The common case without a transaction: under the latch, the
+            # newest version is the answer when its writer has finished (a
+            # writer leaves _writers when its commit becomes visible).
+            key = check_key(key)
+            with self._latch:
+                self._check_open()
+                store = self._store
+                assert store is not None
+                try:
+                    cell = store.tree.get(key)
+                    if cell is None:
+                        return default
+                    if cell[1] not in self._writers:
+                        if cell[0] & FLAG_DELETED:
+                            return default
+                        value = cell[3]
+                        return value if value.__class__ is not OverflowRef else store.tree.read_value(cell)
+                except CorruptionError:
+                    self._damaged = True
+                    raise
         tx = self.begin(readonly=True)
         try:
             return tx.get(key, default)
@@ -640,7 +673,7 @@ class Database:
                 return
             yield from out
 
-    def _scan_batch(self, tx: Transaction, batches: Iterator[list]) -> list[tuple[bytes, bytes]] | None:
+    def _scan_batch(self, tx: Transaction, batches: Iterator[list[tuple[bytes, Cell]]]) -> list[tuple[bytes, bytes]] | None:
         """The visible pairs of the next leaf, or None at the end."""
         ssi = tx.ssi
         snap = tx.snapshot
@@ -653,20 +686,22 @@ class Database:
             batch = next(batches, None)
             if batch is None:
                 return None
-            out = []
+            out: list[tuple[bytes, bytes]] = []
             read_undo = store.undo.read
             for key, cell in batch:
+                value: Value | None
                 if cell[1] == 0 or (cell[1] < snap.horizon and not cell[0] & FLAG_DELETED):
                     exists, value = True, cell[3]
-                    skipped = None
+                    skipped: list[int] | None = None
                 else:
                     skipped = [] if ssi is not None else None
                     exists, value = visible_version(snap, cell, read_undo, skipped)
                 if skipped:
                     self._ssi_call(tx, self._ssi.on_read, ssi, key, skipped)
                 if exists:
-                    if value.__class__ is OverflowRef:
+                    if isinstance(value, OverflowRef):  # no subclasses: the same test as ``__class__ is``
                         value = store.tree.read_value((0, 0, 0, value))
+                    assert value is not None  # visible_version returns a value whenever exists is true
                     out.append((key, value))
         return out
 
@@ -720,11 +755,11 @@ class Database:
         self._rollback_locked(tx)
         raise ConflictError(f"{kind} conflict on key {key!r}: {why}; the transaction was rolled back, retry it", key, kind)
 
-    def _log_write(self, tx: Transaction, undo_ptr: int) -> Callable[[list], int]:
+    def _log_write(self, tx: Transaction, undo_ptr: int) -> Callable[[list[PageOp]], int]:
         wal = self._wal
         assert wal is not None
 
-        def log_ops(ops: list) -> int:
+        def log_ops(ops: list[PageOp]) -> int:
             lsn = wal.append(RecordType.TXN_WRITE, tx.txid, _U64.pack(undo_ptr) + pack_ops(ops), tx.last_lsn)
             tx.last_lsn = lsn
             # Logged means applied and part of the transaction, even if the
@@ -770,7 +805,7 @@ class Database:
         else:
             was_deleted = 0x02 if cell[0] & FLAG_DELETED else 0
             rec = encode_undo(tx.txid, tx.last_undo, cell[1], cell[2], was_deleted, key, cell[3])
-        ops: list = []
+        ops: list[PageOp] = []
         try:
             ptr = store.undo.plan_append(rec, ops)
             store.tree.put(key, value, tx.txid, ptr, flags, free_old=False, extra_ops=ops, log=self._log_write(tx, ptr))
@@ -793,7 +828,7 @@ class Database:
         store = self._store
         assert store is not None
 
-        def append_clr(txid: int, undo_next: int, ops: list) -> int:
+        def append_clr(txid: int, undo_next: int, ops: list[PageOp]) -> int:
             lsn = self._append_clr_for(txid, undo_next, ops, tx.last_lsn)
             tx.last_lsn = lsn
             tx.last_undo = undo_next
@@ -875,7 +910,9 @@ class Database:
                 self._commits_since_purge = 0
                 # keep up with what was produced: every undo page added since
                 # the last purge, twice over, so a backlog shrinks
-                added = self._store.undo.take_pages_added()  # type: ignore[union-attr]
+                store = self._store
+                assert store is not None  # set by _open and never cleared
+                added = store.undo.take_pages_added()
                 self._purge_locked(max_pages=16 + 2 * added)
         self._checkpointer.poke()
 
@@ -959,7 +996,8 @@ class Database:
                 self._poisoned(e)
                 raise
             tx.state = COMMITTING
-            del self._prepared[tx.gid]  # type: ignore[arg-type]
+            assert tx.gid is not None  # it was found in _prepared under its gid
+            del self._prepared[tx.gid]
         try:
             self._wal.flush(lsn)
         except PoisonedError as e:  # the outcome is in doubt again: a reopen finds it prepared or committed
@@ -999,7 +1037,7 @@ class Database:
         horizon = self._horizon()
         budget = [max_pages]
 
-        def finished(records: list) -> bool:
+        def finished(records: list[UndoRecord]) -> bool:
             if budget[0] <= 0:
                 return False
             for r in records:
@@ -1016,7 +1054,7 @@ class Database:
                 if r.value.__class__ is OverflowRef:
                     # Free the old value and mark the record in one log record,
                     # so a crash before the page is freed never frees it twice.
-                    ops: list = []
+                    ops: list[PageOp] = []
                     RollbackSegment.plan_mark_undone(r.ptr, ops)
                     store.tree.free_value((0, 0, 0, r.value), extra_ops=ops)
             return True

@@ -24,9 +24,10 @@ record holds.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
-from pages.node import FLAG_DELETED
+from pages.node import FLAG_DELETED, Cell, Value
+from pages.rollback_segment import UndoRecord
 
 
 class Snapshot:
@@ -50,10 +51,10 @@ class Snapshot:
 
 def visible_version(
     snap: Snapshot,
-    cell: Any,
-    read_undo: Callable[[int], Any],
+    cell: Cell,
+    read_undo: Callable[[int], UndoRecord],
     skipped: list[int] | None = None,
-) -> tuple[bool, Any]:
+) -> tuple[bool, Value | None]:
     """The version of a key ``snap`` sees, starting from its leaf ``cell``.
 
     Returns (exists, value) where value is bytes or an OverflowRef.  If
@@ -61,6 +62,7 @@ def visible_version(
     are appended to it (serializable transactions record them as
     read-write anti-dependencies).
     """
+    value: Value | None  # None only in an undo record of an absent key, which returns first
     flags, writer, undo, value = cell
     while True:
         if snap.sees(writer):

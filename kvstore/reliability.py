@@ -30,7 +30,6 @@ the check.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading

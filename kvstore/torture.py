@@ -67,8 +67,9 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO, TypeVar
 
 __all__ = ["run", "schedule"]
 
@@ -130,7 +131,12 @@ def format_list(dropped: int, entries: list[str]) -> bytes:
     return f"{dropped}|{','.join(entries)}".encode()
 
 
-def decode_ops(desc: str) -> list[list]:
+#: One operation in a marker, as JSON: ``["t", from, to, amount]``,
+#: ``["a", list]``, ``["p", n, size]`` or ``["d", victim id]`` (``decode_ops``).
+Operation = list[Any]
+
+
+def decode_ops(desc: str) -> list[Operation]:
     """A marker's value: a JSON list of operations, each one of
     ``["t", from, to, amount]`` (transfer), ``["a", list]`` (append),
     ``["p", n, size]`` (put data keys 0..n-1), ``["d", victim id]`` (delete
@@ -349,7 +355,7 @@ def verify(
                 v.append(f"phantom: transaction {tid} {history[tid]}, and its marker is present now")
             else:
                 v.append(f"phantom: marker {tid} is present, but no transaction with that id was begun")
-    ops_of: dict[str, list[list]] = {}
+    ops_of: dict[str, list[Operation]] = {}
     for tid, desc in present.items():
         try:
             ops_of[tid] = decode_ops(desc)
@@ -389,14 +395,14 @@ def verify(
             continue
         dropped, entries = st.lists[k]
         seen: set[str] = set()
-        for e in entries:
-            if e in seen:
-                v.append(f"list {k} holds {e} twice")
-            seen.add(e)
-        for e in sorted(seen - appenders[k]):
-            v.append(f"list {k} holds {e}, but no present marker says it appended to list {k}")
-        for e in sorted(appenders[k] - seen):
-            v.append(f"list {k} lacks {e}, whose marker says it appended to it")
+        for entry in entries:
+            if entry in seen:
+                v.append(f"list {k} holds {entry} twice")
+            seen.add(entry)
+        for entry in sorted(seen - appenders[k]):
+            v.append(f"list {k} holds {entry}, but no present marker says it appended to list {k}")
+        for entry in sorted(appenders[k] - seen):
+            v.append(f"list {k} lacks {entry}, whose marker says it appended to it")
         if base_lists is not None and k in base_lists:
             bd, be = base_lists[k]
             if dropped != bd or entries[: len(be)] != be:
@@ -510,6 +516,16 @@ def _child(cfg: dict[str, Any], side: _Side) -> int:
     return 0
 
 
+@dataclass
+class _Pending:
+    """A transaction a worker prepared and resolves after ``wait`` more of its own."""
+
+    wait: int
+    gid: bytes
+    tid: str
+    commit: bool
+
+
 class _Work:
     """The child's random transactions (one ``worker`` per thread)."""
 
@@ -539,7 +555,7 @@ class _Work:
     def worker(self, t: int) -> None:
         rng = random.Random(f"{self.cfg['child_seed']}:{t}")
         seq = 0
-        pending: list[list] = []  # prepared, resolved later: [transactions to wait, gid, tid, commit?]
+        pending: list[_Pending] = []  # prepared, resolved later
         while not self.stop.is_set():
             try:
                 if rng.random() < 0.12:
@@ -551,10 +567,10 @@ class _Work:
             except self.ConflictError:
                 time.sleep(rng.random() * 0.002)  # rolled back already; the next one is new
             for item in pending:
-                item[0] -= 1
-            for item in [p for p in pending if p[0] <= 0]:
+                item.wait -= 1
+            for item in [p for p in pending if p.wait <= 0]:
                 pending.remove(item)
-                self.resolve(*item[1:])
+                self.resolve(item.gid, item.tid, item.commit)
         # a clean stop leaves the pending ones in doubt: close() keeps them so
 
     # --- read-only checks
@@ -577,11 +593,11 @@ class _Work:
 
     # --- writing transactions
 
-    def write(self, rng: random.Random, tid: str, pending: list[list]) -> None:
+    def write(self, rng: random.Random, tid: str, pending: list[_Pending]) -> None:
         tx = self.db.begin(isolation=rng.choice(ISOLATIONS))
         try:
             kinds = rng.sample(["t", "a", "p", "d"], rng.choice([1, 1, 2, 2, 3]))
-            ops: list[list] = []
+            ops: list[Operation] = []
             for kind in kinds:
                 if rng.random() < 0.15:
                     self.junk(tx, rng, tid)
@@ -605,7 +621,7 @@ class _Work:
             if tx.state == "active":
                 tx.rollback()
 
-    def two_phase(self, tx: Any, rng: random.Random, tid: str, desc: str, pending: list[list]) -> None:
+    def two_phase(self, tx: Any, rng: random.Random, tid: str, desc: str, pending: list[_Pending]) -> None:
         """Prepare, then commit or roll back now or after a few more of this
         thread's transactions (so that kills find some in doubt)."""
         gid = GID_PREFIX + tid.encode()
@@ -615,7 +631,7 @@ class _Work:
         tx.prepare(gid)
         self.side.say(f"prepared {tid}")
         if wait:
-            pending.append([wait, gid, tid, commit])
+            pending.append(_Pending(wait, gid, tid, commit))
             return
         if rng.random() < 0.3:
             time.sleep(rng.uniform(0, 0.01))
@@ -651,7 +667,7 @@ class _Work:
             if tx.get(DATA_PREFIX + f"{tid}/junk".encode()) is not None:
                 self.violation(f"rollback_to left the junk key of {tid} visible to the transaction itself")
 
-    def op_t(self, tx: Any, rng: random.Random, tid: str) -> list:
+    def op_t(self, tx: Any, rng: random.Random, tid: str) -> Operation:
         src = rng.randrange(self.n_acc)
         dst = rng.randrange(self.n_acc - 1)
         dst += dst >= src
@@ -661,13 +677,13 @@ class _Work:
         tx.put(acct_key(dst), b"%d" % (y + amount))
         return ["t", src, dst, amount]
 
-    def op_a(self, tx: Any, rng: random.Random, tid: str) -> list:
+    def op_a(self, tx: Any, rng: random.Random, tid: str) -> Operation:
         k = rng.randrange(self.n_lists)
         d, entries = parse_list(tx.get(list_key(k)))
         tx.put(list_key(k), format_list(d, entries + [tid]))
         return ["a", k]
 
-    def op_p(self, tx: Any, rng: random.Random, tid: str) -> list:
+    def op_p(self, tx: Any, rng: random.Random, tid: str) -> Operation:
         n = rng.randint(1, 4)
         size = rng.choices([16, 200, 3000, 9000], [50, 30, 15, 5])[0]
         for j in range(n):
@@ -676,7 +692,7 @@ class _Work:
             self.violation(f"transaction {tid} does not read its own write of {data_key(tid, 0)!r}")
         return ["p", n, size]
 
-    def op_d(self, tx: Any, rng: random.Random, tid: str) -> list | None:
+    def op_d(self, tx: Any, rng: random.Random, tid: str) -> Operation | None:
         start = DATA_PREFIX + str(rng.randrange(10)).encode()
         victim = None
         for lo in (start, DATA_PREFIX):
@@ -755,6 +771,11 @@ class _SideLog:
             elif word == "done":
                 self.done = True
 
+    def has_opened(self) -> bool:
+        """Whether the child has reported ``opened`` (a method, so a type
+        checker does not carry a narrowed ``opened_at`` across ``poll()``)."""
+        return self.opened_at is not None
+
 
 class _Child:
     """A child process we started, gated: it imports, then waits for ``go``."""
@@ -827,7 +848,7 @@ class _Stop(Exception):
 class _Torture:
     def __init__(self, path: str, seconds: float, threads: int, seed: int, crash_every: float,
                  json_output: bool, out: TextIO, err: TextIO,
-                 tamper: Callable[[Any], None] | None, trace: list | None) -> None:
+                 tamper: Callable[[Any], None] | None, trace: list[dict[str, Any]] | None) -> None:
         self.path = os.path.abspath(path)
         self.seconds, self.threads, self.seed, self.crash_every = seconds, threads, seed, crash_every
         self.json_output, self.out, self.err = json_output, out, err
@@ -1069,24 +1090,25 @@ class _Torture:
         life = plan["delay"] if plan["kind"] == "clean" else plan["delay"] + 60.0
         return self._spawn(plan, f"r{plan['round']}", "work", plan["failpoint"], life)
 
-    def _wait_open(self, child: _Child, deadline: float) -> bool:
-        """Until the child opened (True), died, or the run is over."""
-        while child.side.opened_at is None:
+    def _wait_open(self, child: _Child, deadline: float) -> float | None:
+        """Until the child opened (return when, ``time.monotonic()``), died,
+        or the run is over (return None)."""
+        while not child.side.has_opened():
             child.side.poll()
-            if child.side.opened_at is not None:
+            if child.side.has_opened():
                 break
             if child.proc.poll() is not None:
                 child.side.poll()
-                return child.side.opened_at is not None
+                return child.side.opened_at
             now = time.monotonic()
             if now >= deadline:
-                return False
+                return None
             if child.started_at is not None and now - child.started_at > OPEN_TIMEOUT:
                 self.violation(f"child {child.name} did not open the database within {OPEN_TIMEOUT:g} s")
-                return False
+                return None
             self.progress()
             time.sleep(0.003)
-        return True
+        return child.side.opened_at
 
     def _finish(self, child: _Child, expect_exit: bool) -> None:
         """Classify how the child ended and collect what it reported."""
@@ -1116,9 +1138,9 @@ class _Torture:
 
     def run_work(self, child: _Child, plan: dict[str, Any], deadline: float) -> None:
         child.go()
-        opened = self._wait_open(child, deadline)
-        if opened:
-            kill_at = child.side.opened_at + (plan["delay"] + 30.0 if plan["kind"] == "clean" else plan["delay"])  # type: ignore[operator]
+        opened_at = self._wait_open(child, deadline)
+        if opened_at is not None:
+            kill_at = opened_at + (plan["delay"] + 30.0 if plan["kind"] == "clean" else plan["delay"])
             while child.proc.poll() is None:
                 now = time.monotonic()
                 if now >= min(kill_at, deadline):
@@ -1192,17 +1214,17 @@ class _Torture:
             st = self._state(db)
             in_doubt: dict[str, bytes] = {}
             for gid in db.prepared():
-                tid = gid[len(GID_PREFIX):].decode(errors="replace") if gid.startswith(GID_PREFIX) else None
-                if tid is not None and tid in self.kept:
-                    in_doubt[tid] = gid
-                elif tid is None or begun.get(tid, ("",))[0] != "P":
+                owner = gid[len(GID_PREFIX):].decode(errors="replace") if gid.startswith(GID_PREFIX) else None
+                if owner is not None and owner in self.kept:
+                    in_doubt[owner] = gid
+                elif owner is None or begun.get(owner, ("",))[0] != "P":
                     self.violation(f"transaction {gid!r} is in doubt, but the child never prepared it")
-                elif tid in acked:
-                    self.violation(f"transaction {tid} is in doubt, but commit_prepared returned for it")
-                elif tid in rolledback:
-                    self.violation(f"transaction {tid} is in doubt, but rollback_prepared returned for it")
+                elif owner in acked:
+                    self.violation(f"transaction {owner} is in doubt, but commit_prepared returned for it")
+                elif owner in rolledback:
+                    self.violation(f"transaction {owner} is in doubt, but rollback_prepared returned for it")
                 else:
-                    in_doubt[tid] = gid
+                    in_doubt[owner] = gid
             for tid in sorted(set(self.kept) - set(in_doubt)):
                 self.violation(f"transaction {tid}, prepared and left in doubt since round {self.kept[tid][2]}, "
                                "is no longer in doubt (a prepared transaction must survive crashes until resolved)")
@@ -1300,7 +1322,7 @@ class _Torture:
                     self.run_work(child, plan, deadline)
                     crashed = not child.side.done
                     sides = [child.side]
-                    for rk, rc in zip(plan["recovery_kills"], recovering):
+                    for rk, rc in zip(plan["recovery_kills"], recovering, strict=True):
                         if crashed and time.monotonic() < deadline:
                             self.run_recovery(rc, rk)
                             sides.append(rc.side)
@@ -1344,8 +1366,11 @@ class _Torture:
         return 1 if self.violations else 0
 
 
-def _first(it: Any, n: int) -> list:
-    out = []
+_T = TypeVar("_T")
+
+
+def _first(it: Iterable[_T], n: int) -> list[_T]:
+    out: list[_T] = []
     for item in it:
         out.append(item)
         if len(out) >= n:
@@ -1361,10 +1386,10 @@ def run(
     seed: int = 0,
     crash_every: float = 1.0,
     json_output: bool = False,
-    out=sys.stdout,
-    err=sys.stderr,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
     _tamper: Callable[[Any], None] | None = None,
-    _trace: list | None = None,
+    _trace: list[dict[str, Any]] | None = None,
 ) -> int:
     """Torture the database in directory ``path`` for ``seconds`` seconds
     (see the module's docstring); return 0 if no invariant was violated, 1

@@ -31,7 +31,7 @@ ACTIVE, COMMITTING, PREPARED, COMMITTED, ABORTED = "active", "committing", "prep
 
 def _as_bytes(value: object, what: str) -> bytes:
     if value.__class__ is bytes:
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"{what} must be bytes, bytearray or memoryview, not {type(value).__name__}")

@@ -27,10 +27,11 @@ latch between batches and the tree may change meanwhile.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from itertools import pairwise
 
 import crc32c
-import lz4.block
+import lz4.block  # type: ignore[import-untyped]  # lz4 ships neither type hints nor stubs
 
 from pages import redo
 from pages.buffer_pool import BufferPool
@@ -44,6 +45,9 @@ from pages.node import (
     Op,
     OverflowNode,
     OverflowRef,
+    PageOp,
+    TreeNode,
+    Value,
     body_capacity,
     cell_size,
     op_image,
@@ -56,7 +60,8 @@ from pages.pagefile import PageFile
 MAX_KEY = 1024
 MAX_VALUE = 64 * 2**20
 
-LogOps = Callable[[list], int]  # append a record of [(page id, Op, data)], return its LSN
+LogOps = Callable[[list[PageOp]], int]  # append a record of [(page id, Op, data)], return its LSN
+Path = list[tuple[int, TreeNode]]  # (page id, node) from the root down to a leaf
 
 
 class BTree:
@@ -73,7 +78,7 @@ class BTree:
         self._ovf_chunk = body_capacity(pagefile.page_size) - 8
 
     @classmethod
-    def create(cls, pool: BufferPool, pagefile: PageFile, log_ops: LogOps, capacity: int | None = None) -> "BTree":
+    def create(cls, pool: BufferPool, pagefile: PageFile, log_ops: LogOps, capacity: int | None = None) -> BTree:
         """A new empty tree (an empty root leaf), logged."""
         root = pagefile.allocate()
         pool.begin_op()
@@ -91,10 +96,11 @@ class BTree:
         node = get(self.root)
         while node.__class__ is InternalNode:
             node = get(node.children[bisect_right(node.keys, key)])
-        keys = node.keys
+        leaf: LeafNode = node
+        keys = leaf.keys
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:
-            return node.cells[i]
+            return leaf.cells[i]
         return None
 
     def read_value(self, cell: Cell) -> bytes:
@@ -103,7 +109,7 @@ class BTree:
         Raises CorruptionError if the chain is damaged.
         """
         v = cell[3]
-        if v.__class__ is not OverflowRef:
+        if not isinstance(v, OverflowRef):
             return v
         parts = []
         lid = v.first
@@ -142,7 +148,7 @@ class BTree:
                 i = bisect_left(keys, pos)
                 j = len(keys) if stop is None or (upper is not None and upper <= stop) else bisect_left(keys, stop)
                 if i < j:
-                    yield list(zip(keys[i:j], leaf.cells[i:j]))
+                    yield list(zip(keys[i:j], leaf.cells[i:j], strict=True))
                 if upper is None or (stop is not None and upper >= stop):
                     return
                 pos = upper
@@ -154,7 +160,7 @@ class BTree:
                 j = len(keys) if bound is None else bisect_left(keys, bound)
                 i = 0 if start is None else bisect_left(keys, start, 0, j)
                 if i < j:
-                    yield list(zip(reversed(keys[i:j]), reversed(leaf.cells[i:j])))
+                    yield list(zip(reversed(keys[i:j]), reversed(leaf.cells[i:j]), strict=True))
                 if lower is None or (start is not None and lower <= start):
                     return
                 bound = lower
@@ -194,7 +200,7 @@ class BTree:
         undo: int = 0,
         flags: int = 0,
         free_old: bool = True,
-        extra_ops: list | None = None,
+        extra_ops: list[PageOp] | None = None,
         log: LogOps | None = None,
     ) -> Cell | None:
         """Insert or replace ``key``; return the old cell (or None).
@@ -211,15 +217,17 @@ class BTree:
             raise ValueError(f"value must be at most {MAX_VALUE} bytes, got {len(value)}")
         self.pool.begin_op()
         try:
-            ops: list = list(extra_ops) if extra_ops else []
-            v: Any = value
+            ops: list[PageOp] = list(extra_ops) if extra_ops else []
+            v: Value = value
             if CELL_OVERHEAD + len(key) + len(value) > self.max_cell:
                 v = self._plan_overflow(value, ops)
             return self._put((flags, txid, undo, v), key, free_old, ops, log or self._log)
         finally:
             self.pool.end_op()
 
-    def put_cell(self, key: bytes, cell: Cell, free_old: bool = True, extra_ops: list | None = None, log: LogOps | None = None) -> Cell | None:
+    def put_cell(
+        self, key: bytes, cell: Cell, free_old: bool = True, extra_ops: list[PageOp] | None = None, log: LogOps | None = None
+    ) -> Cell | None:
         """Store a prepared cell (whose value may be an existing overflow
         reference, as rollback restores it); otherwise like ``put``."""
         self.pool.begin_op()
@@ -228,11 +236,11 @@ class BTree:
         finally:
             self.pool.end_op()
 
-    def _put(self, cell: Cell, key: bytes, free_old: bool, ops: list, log_ops: LogOps) -> Cell | None:
+    def _put(self, cell: Cell, key: bytes, free_old: bool, ops: list[PageOp], log_ops: LogOps) -> Cell | None:
         """Caller has begun a pool operation; ``ops`` holds what goes first."""
         pool = self.pool
         path = self._path(key)
-        leaf_lid, leaf = path[-1]
+        leaf_lid, leaf = _leaf_of(path)
         i = bisect_left(leaf.keys, key)
         old = leaf.cells[i] if i < len(leaf.keys) and leaf.keys[i] == key else None
         if old is not None and free_old:
@@ -257,7 +265,7 @@ class BTree:
         redo.apply_live(pool, self.pagefile, log_ops, ops)
         return old
 
-    def delete(self, key: bytes, free_old: bool = True, extra_ops: list | None = None, log: LogOps | None = None) -> Cell | None:
+    def delete(self, key: bytes, free_old: bool = True, extra_ops: list[PageOp] | None = None, log: LogOps | None = None) -> Cell | None:
         """Remove ``key``; return its old cell, or None if it was absent (and
         then log nothing, not even ``extra_ops``)."""
         pool = self.pool
@@ -265,12 +273,12 @@ class BTree:
         pool.begin_op()
         try:
             path = self._path(key)
-            leaf_lid, leaf = path[-1]
+            leaf_lid, leaf = _leaf_of(path)
             i = bisect_left(leaf.keys, key)
             if i == len(leaf.keys) or leaf.keys[i] != key:
                 return None
             old = leaf.cells[i]
-            ops: list = list(extra_ops) if extra_ops else []
+            ops: list[PageOp] = list(extra_ops) if extra_ops else []
             if free_old:
                 self._plan_free_value(old, ops)
             ops.append((leaf_lid, Op.LEAF_DEL, op_leaf_del(key)))
@@ -291,10 +299,10 @@ class BTree:
         finally:
             pool.end_op()
 
-    def free_value(self, cell: Cell, extra_ops: list | None = None) -> None:
+    def free_value(self, cell: Cell, extra_ops: list[PageOp] | None = None) -> None:
         """Free a value's overflow chain (logged, with ``extra_ops`` in the
         same record); no-op for inline values."""
-        ops: list = list(extra_ops) if extra_ops else []
+        ops: list[PageOp] = list(extra_ops) if extra_ops else []
         self.pool.begin_op()
         try:
             self._plan_free_value(cell, ops)
@@ -303,11 +311,11 @@ class BTree:
         finally:
             self.pool.end_op()
 
-    def _path(self, key: bytes) -> list[tuple[int, Any]]:
+    def _path(self, key: bytes) -> Path:
         get = self.pool.get
         lid = self.root
         node = get(lid)
-        path = [(lid, node)]
+        path: Path = [(lid, node)]
         while node.__class__ is InternalNode:
             lid = node.children[bisect_right(node.keys, key)]
             node = get(lid)
@@ -318,9 +326,9 @@ class BTree:
     # Each planner appends ops and keeps a "virtual" copy of every node it
     # changes, so cascades see the state the earlier ops will have made.
 
-    def _plan_overflow(self, value: bytes, ops: list) -> OverflowRef:
+    def _plan_overflow(self, value: bytes, ops: list[PageOp]) -> OverflowRef:
         data, compressed = value, 0
-        packed = lz4.block.compress(value)
+        packed: bytes = lz4.block.compress(value)
         if len(packed) < len(value) - len(value) // 16:
             data, compressed = packed, 1
         chunk = self._ovf_chunk
@@ -331,9 +339,9 @@ class BTree:
             ops.append((lids[n], Op.IMAGE, op_image(OverflowNode(nxt, piece))))
         return OverflowRef(lids[0], len(data), len(value), compressed, crc32c.crc32c(value))
 
-    def _plan_free_value(self, cell: Cell, ops: list) -> None:
+    def _plan_free_value(self, cell: Cell, ops: list[PageOp]) -> None:
         v = cell[3]
-        if v.__class__ is not OverflowRef:
+        if not isinstance(v, OverflowRef):
             return
         lid = v.first
         while lid:
@@ -345,8 +353,22 @@ class BTree:
         """Index at which to split an over-full leaf: where the two halves'
         bytes are closest.  They then differ by at most one cell (a third of
         a page body), so both stay above the minimum fill."""
-        sizes = [cell_size(k, c) for k, c in zip(node.keys, node.cells)]
+        sizes = [cell_size(k, c) for k, c in zip(node.keys, node.cells, strict=True)]
         return _balanced_split(sizes)
+
+    def _halves(self, node: TreeNode) -> tuple[TreeNode, bytes, TreeNode]:
+        """(left, separator, right): ``node``'s content split where the halves'
+        bytes balance best.  A leaf's separator is the right half's first key;
+        an internal node's moves up and is in neither half."""
+        if isinstance(node, LeafNode):
+            i = self._split_leaf(node)
+            return LeafNode(node.keys[:i], node.cells[:i]), node.keys[i], LeafNode(node.keys[i:], node.cells[i:])
+        m = self._split_internal(node)
+        return (
+            InternalNode(node.keys[:m], node.children[: m + 1]),
+            node.keys[m],
+            InternalNode(node.keys[m + 1 :], node.children[m + 1 :]),
+        )
 
     @staticmethod
     def _split_internal(node: InternalNode) -> int:
@@ -365,22 +387,13 @@ class BTree:
             left += sizes[m]
         return best
 
-    def _plan_split(self, path: list[tuple[int, Any]], node: Any, ops: list) -> None:
+    def _plan_split(self, path: Path, node: TreeNode, ops: list[PageOp]) -> None:
         """Split ``node`` (the virtual state of the last page of ``path``) and
         every ancestor it over-fills."""
         level = len(path) - 1
         while node.size > self.capacity:
             lid = path[level][0]
-            if node.__class__ is LeafNode:
-                i = self._split_leaf(node)
-                sep = node.keys[i]
-                right: Any = LeafNode(node.keys[i:], node.cells[i:])
-                left: Any = LeafNode(node.keys[:i], node.cells[:i])
-            else:
-                m = self._split_internal(node)
-                sep = node.keys[m]
-                right = InternalNode(node.keys[m + 1 :], node.children[m + 1 :])
-                left = InternalNode(node.keys[:m], node.children[: m + 1])
+            left, sep, right = self._halves(node)
             right_lid = self.pagefile.allocate()
             if level == 0:  # root split: the root id stays; both halves move down
                 left_lid = self.pagefile.allocate()
@@ -390,7 +403,7 @@ class BTree:
                 return
             ops.append((right_lid, Op.IMAGE, op_image(right)))
             ops.append((lid, Op.IMAGE, op_image(left)))
-            parent_lid, parent = path[level - 1]
+            parent_lid, parent = _parent_of(path, level)
             virtual = InternalNode(list(parent.keys), list(parent.children))
             idx = virtual.child_index(sep)
             virtual.insert(idx, sep, right_lid)
@@ -398,14 +411,14 @@ class BTree:
             node = virtual
             level -= 1
 
-    def _plan_rebalance(self, path: list[tuple[int, Any]], node: Any, ops: list) -> None:
+    def _plan_rebalance(self, path: Path, node: TreeNode, ops: list[PageOp]) -> None:
         """Fix an under-full ``node`` (virtual state of path[level]) by merging
         with or borrowing from a sibling, cascading up; collapse the root."""
         level = len(path) - 1
         lid = path[level][0]
         ops.append((lid, Op.IMAGE, op_image(node)))
         while level > 0 and node.size < self.min_fill:
-            parent_lid, parent_real = path[level - 1]
+            parent_lid, parent_real = _parent_of(path, level)
             parent = InternalNode(list(parent_real.keys), list(parent_real.children))
             idx = parent.children.index(lid)
             if idx > 0:
@@ -414,28 +427,14 @@ class BTree:
             else:
                 li, left_lid, right_lid = 0, lid, parent.children[1]
                 left, right = node, self._virtual(right_lid, ops)
-            sep = parent.keys[li]
-            if left.__class__ is LeafNode:
-                keys, cells = left.keys + right.keys, left.cells + right.cells
-                merged: Any = LeafNode(keys, cells)
-            else:
-                merged = InternalNode(left.keys + [sep] + right.keys, left.children + right.children)
+            merged = _merge(left, parent.keys[li], right)
             if merged.size <= self.capacity:
                 ops.append((left_lid, Op.IMAGE, op_image(merged)))
                 ops.append((right_lid, Op.FREE, b""))
                 parent.remove(li)
                 ops.append((parent_lid, Op.INT_REMOVE, op_index_key(li, b"")))
             else:  # redistribute: split the combined content evenly
-                if merged.__class__ is LeafNode:
-                    i = self._split_leaf(merged)
-                    new_sep = merged.keys[i]
-                    nl: Any = LeafNode(merged.keys[:i], merged.cells[:i])
-                    nr: Any = LeafNode(merged.keys[i:], merged.cells[i:])
-                else:
-                    m = self._split_internal(merged)
-                    new_sep = merged.keys[m]
-                    nl = InternalNode(merged.keys[:m], merged.children[: m + 1])
-                    nr = InternalNode(merged.keys[m + 1 :], merged.children[m + 1 :])
+                nl, new_sep, nr = self._halves(merged)
                 ops.append((left_lid, Op.IMAGE, op_image(nl)))
                 ops.append((right_lid, Op.IMAGE, op_image(nr)))
                 parent.set_key(li, new_sep)
@@ -445,18 +444,19 @@ class BTree:
                     return
                 # a shorter one can leave it under-full: go on rebalancing upward
             node, lid, level = parent, parent_lid, level - 1
-        if level == 0 and node.__class__ is InternalNode and not node.keys:
+        if level == 0 and isinstance(node, InternalNode) and not node.keys:
             # root collapse: pull the only child's content up into the root id
             child_lid = node.children[0]
             child = self._virtual(child_lid, ops)
             ops.append((lid, Op.IMAGE, op_image(child)))
             ops.append((child_lid, Op.FREE, b""))
 
-    def _virtual(self, lid: int, ops: list) -> Any:
+    def _virtual(self, lid: int, ops: list[PageOp]) -> TreeNode:
         """A copy of page ``lid`` as the planned ops so far leave it."""
         node = self.pool.get(lid)
+        copy: TreeNode
         if node.__class__ is LeafNode:
-            copy: Any = LeafNode(list(node.keys), list(node.cells))
+            copy = LeafNode(list(node.keys), list(node.cells))
         else:
             copy = InternalNode(list(node.keys), list(node.children))
         for olid, op, data in ops:
@@ -484,9 +484,11 @@ class BTree:
             node = self.pool.get(lid)
             assert node.size <= self.capacity, f"page {lid} over-full: {node.size} > {self.capacity}"
             if lid != self.root:
-                assert node.size >= self.min_fill, f"page {lid} ({type(node).__name__}, {len(node.keys)} keys) under-full: {node.size} < {self.min_fill}"
+                assert node.size >= self.min_fill, (
+                    f"page {lid} ({type(node).__name__}, {len(node.keys)} keys) under-full: {node.size} < {self.min_fill}"
+                )
             keys = node.keys
-            assert all(a < b for a, b in zip(keys, keys[1:])), f"page {lid}: keys out of order"
+            assert all(a < b for a, b in pairwise(keys)), f"page {lid}: keys out of order"
             if keys:
                 assert lo is None or keys[0] >= lo, f"page {lid}: key below its lower bound"
                 assert hi is None or keys[-1] < hi, f"page {lid}: key above its upper bound"
@@ -494,7 +496,8 @@ class BTree:
                 counts["leaves"] += 1
                 counts["keys"] += len(keys)
                 leaf_depths.add(depth)
-                assert node.size == 2 + sum(cell_size(k, c) for k, c in zip(keys, node.cells)), f"page {lid}: size"
+                assert len(node.cells) == len(keys), f"page {lid}: {len(keys)} keys but {len(node.cells)} cells"
+                assert node.size == 2 + sum(cell_size(k, c) for k, c in zip(keys, node.cells, strict=True)), f"page {lid}: size"
                 for c in node.cells:
                     if c[3].__class__ is OverflowRef:
                         counts["overflow_pages"] += self._check_chain(c[3])
@@ -524,6 +527,30 @@ class BTree:
             lid = node.next
         assert got == ref.stored, f"overflow chain at {ref.first} holds {got} bytes, expected {ref.stored}"
         return n
+
+
+def _leaf_of(path: Path) -> tuple[int, LeafNode]:
+    """(page id, node) of the leaf that ends ``path``."""
+    lid, node = path[-1]
+    assert isinstance(node, LeafNode), f"page {lid} at the end of a path is not a leaf"
+    return lid, node
+
+
+def _parent_of(path: Path, level: int) -> tuple[int, InternalNode]:
+    """(page id, node) of the parent of ``path[level]``."""
+    lid, node = path[level - 1]
+    assert isinstance(node, InternalNode), f"page {lid} above another on a path is not an internal node"
+    return lid, node
+
+
+def _merge(left: TreeNode, sep: bytes, right: TreeNode) -> TreeNode:
+    """Two siblings' content in one node; ``sep``, the parent's separator
+    between them, comes down between internal nodes' keys."""
+    if isinstance(left, LeafNode):
+        assert isinstance(right, LeafNode), f"siblings of different kinds: {left!r}, {right!r}"
+        return LeafNode(left.keys + right.keys, left.cells + right.cells)
+    assert isinstance(right, InternalNode), f"siblings of different kinds: {left!r}, {right!r}"
+    return InternalNode(left.keys + [sep] + right.keys, left.children + right.children)
 
 
 def _balanced_split(sizes: list[int]) -> int:

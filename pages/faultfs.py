@@ -133,8 +133,9 @@ import os
 import random
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from pages.fs import File, FileLock, FileSystem
 
@@ -395,7 +396,7 @@ def _filler(fill: str, n: int, rng: random.Random) -> bytes:
 class FaultFile(File):
     """An open file of a ``FaultFS``; all logic lives in the file system."""
 
-    def __init__(self, fs: "FaultFS", inode: _Inode, path: str) -> None:
+    def __init__(self, fs: FaultFS, inode: _Inode, path: str) -> None:
         self.path = path
         self._fs = fs
         self._inode = inode
@@ -424,7 +425,7 @@ class FaultFile(File):
 
 
 class _FaultLock(FileLock):
-    def __init__(self, fs: "FaultFS", ino: int) -> None:
+    def __init__(self, fs: FaultFS, ino: int) -> None:
         self._fs = fs
         self._ino = ino
 
@@ -604,7 +605,7 @@ class FaultFS(FileSystem):
             depth += 1
         return out[:limit]
 
-    def crash(self, plan: CrashPlan) -> "FaultFS":
+    def crash(self, plan: CrashPlan) -> FaultFS:
         """Cut the power (if not already cut) and return the file system a
         reboot would find under ``plan``.  This one is dead afterwards."""
         with self._mu:
@@ -751,9 +752,10 @@ class FaultFS(FileSystem):
         for part in self._parts(path):
             if not node.is_dir:
                 return None
-            node = (node.durable_names if durable else node.names).get(part)
-            if node is None:
+            child = (node.durable_names if durable else node.names).get(part)
+            if child is None:
                 return None
+            node = child
         return node
 
     def _resolve(self, path: str) -> _Inode:
@@ -762,9 +764,10 @@ class FaultFS(FileSystem):
         for part in self._parts(path):
             if not node.is_dir:
                 raise _oserror(errno.ENOTDIR, path)
-            node = node.names.get(part)
-            if node is None:
+            child = node.names.get(part)
+            if child is None:
                 raise _oserror(errno.ENOENT, path)
+            node = child
         return node
 
     def _parent(self, path: str, root_errno: int) -> tuple[_Inode, str]:

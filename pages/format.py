@@ -174,7 +174,7 @@ class Meta:
         return struct.pack("<I", crc32c.crc32c(body)) + body
 
     @classmethod
-    def decode(cls, data: bytes, where: str) -> "Meta":
+    def decode(cls, data: bytes, where: str) -> Meta:
         """Raises CorruptionError naming ``where`` if the meta is not valid."""
         if len(data) < META_SIZE:
             raise CorruptionError(where, f"meta page is {len(data)} bytes")

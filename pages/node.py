@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import struct
 from bisect import bisect_left, bisect_right
-from typing import NamedTuple, Union
+from typing import NamedTuple, Protocol
 
 from pages.format import PAGE_HEADER_SIZE, PageType
 
@@ -60,8 +60,9 @@ class OverflowRef(NamedTuple):
     crc: int  # crc32c of the value
 
 
-Value = Union[bytes, OverflowRef]
-Cell = tuple  # (flags, txid, undo, value)
+Value = bytes | OverflowRef
+Cell = tuple[int, int, int, Value]  # (flags, txid, undo, value)
+PageOp = tuple[int, int, bytes]  # (page id, Op, data): one redo op
 
 
 def cell_size(key: bytes, cell: Cell) -> int:
@@ -71,7 +72,7 @@ def cell_size(key: bytes, cell: Cell) -> int:
 
 def encode_cell(key: bytes, cell: Cell) -> bytes:
     flags, txid, undo, v = cell
-    if v.__class__ is OverflowRef:
+    if isinstance(v, OverflowRef):
         vb = _OVF_REF.pack(*v)
         flags |= FLAG_OVERFLOW
     else:
@@ -102,16 +103,17 @@ class LeafNode:
         self.keys = keys if keys is not None else []
         self.cells = cells if cells is not None else []
         self.page_lsn = page_lsn
-        self.size = 2 + sum(cell_size(k, c) for k, c in zip(self.keys, self.cells))
+        self.size = 2 + sum(cell_size(k, c) for k, c in zip(self.keys, self.cells, strict=True))
 
     def encode(self) -> bytes:
-        return _U16.pack(len(self.keys)) + b"".join(encode_cell(k, c) for k, c in zip(self.keys, self.cells))
+        return _U16.pack(len(self.keys)) + b"".join(encode_cell(k, c) for k, c in zip(self.keys, self.cells, strict=True))
 
     @classmethod
-    def decode(cls, body: bytes, page_lsn: int = 0) -> "LeafNode":
+    def decode(cls, body: bytes, page_lsn: int = 0) -> LeafNode:
         (n,) = _U16.unpack_from(body)
         pos = 2
-        keys, cells = [], []
+        keys: list[bytes] = []
+        cells: list[Cell] = []
         for _ in range(n):
             k, c, pos = decode_cell(body, pos)
             keys.append(k)
@@ -141,7 +143,7 @@ class LeafNode:
         """Keep the first ``n`` entries."""
         del self.keys[n:]
         del self.cells[n:]
-        self.size = 2 + sum(cell_size(k, c) for k, c in zip(self.keys, self.cells))
+        self.size = 2 + sum(cell_size(k, c) for k, c in zip(self.keys, self.cells, strict=True))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LeafNode) and self.keys == other.keys and self.cells == other.cells
@@ -164,16 +166,17 @@ class InternalNode:
 
     def encode(self) -> bytes:
         parts = [_U16.pack(len(self.keys)), _U64.pack(self.children[0])]
-        for k, c in zip(self.keys, self.children[1:]):
+        for k, c in zip(self.keys, self.children[1:], strict=True):
             parts.append(_U16.pack(len(k)) + k + _U64.pack(c))
         return b"".join(parts)
 
     @classmethod
-    def decode(cls, body: bytes, page_lsn: int = 0) -> "InternalNode":
+    def decode(cls, body: bytes, page_lsn: int = 0) -> InternalNode:
         (n,) = _U16.unpack_from(body)
         (c0,) = _U64.unpack_from(body, 2)
         pos = 10
-        keys, children = [], [c0]
+        keys: list[bytes] = []
+        children: list[int] = [c0]
         for _ in range(n):
             (kl,) = _U16.unpack_from(body, pos)
             pos += 2
@@ -228,11 +231,25 @@ class OverflowNode:
         return _U64.pack(self.next) + self.data
 
     @classmethod
-    def decode(cls, body: bytes, page_lsn: int = 0) -> "OverflowNode":
+    def decode(cls, body: bytes, page_lsn: int = 0) -> OverflowNode:
         return cls(_U64.unpack_from(body)[0], body[8:], page_lsn)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, OverflowNode) and (self.next, self.data) == (other.next, other.data)
+
+
+TreeNode = LeafNode | InternalNode
+Node = LeafNode | InternalNode | OverflowNode  # what decode_node returns
+
+
+class PageContent(Protocol):
+    """Any decoded page the buffer pool holds: a B+tree node here, or an undo
+    page (``pages.rollback_segment``); ``op_image`` writes one as an IMAGE op."""
+
+    @property
+    def ptype(self) -> PageType: ...
+
+    def encode(self) -> bytes: ...
 
 
 def body_capacity(page_size: int) -> int:
@@ -262,7 +279,7 @@ _OPHDR = struct.Struct("<QBI")  # lid, op, length
 _U16U16 = struct.Struct("<HH")
 
 
-def pack_ops(ops: list[tuple[int, int, bytes]]) -> bytes:
+def pack_ops(ops: list[PageOp]) -> bytes:
     """Serialise [(page id, Op, data), ...] as a log record payload."""
     parts = [_U16.pack(len(ops))]
     for lid, op, data in ops:
@@ -271,10 +288,10 @@ def pack_ops(ops: list[tuple[int, int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def unpack_ops(payload: bytes) -> list[tuple[int, int, bytes]]:
+def unpack_ops(payload: bytes) -> list[PageOp]:
     (n,) = _U16.unpack_from(payload)
     pos = 2
-    ops = []
+    ops: list[PageOp] = []
     for _ in range(n):
         lid, op, length = _OPHDR.unpack_from(payload, pos)
         pos += _OPHDR.size
@@ -291,8 +308,8 @@ def op_leaf_del(key: bytes) -> bytes:
     return key
 
 
-def op_image(node: object) -> bytes:
-    return bytes([node.ptype]) + node.encode()  # type: ignore[attr-defined]
+def op_image(node: PageContent) -> bytes:
+    return bytes([node.ptype]) + node.encode()
 
 
 def op_index_key(index: int, key: bytes, child: int | None = None) -> bytes:
@@ -300,7 +317,7 @@ def op_index_key(index: int, key: bytes, child: int | None = None) -> bytes:
     return _U16U16.pack(index, len(key)) + key + tail
 
 
-def decode_node(ptype: int, body: bytes, page_lsn: int = 0) -> object:
+def decode_node(ptype: int, body: bytes, page_lsn: int = 0) -> Node:
     """The decoded node for a page body of type ``ptype``."""
     if ptype == PageType.LEAF:
         return LeafNode.decode(body, page_lsn)
@@ -311,27 +328,36 @@ def decode_node(ptype: int, body: bytes, page_lsn: int = 0) -> object:
     raise ValueError(f"no B+tree node type {ptype}")
 
 
-def apply_tree_op(node: object, op: int, data: bytes) -> object:
+def apply_tree_op(node: Node | None, op: int, data: bytes) -> Node | None:
     """Apply a B+tree redo op to ``node`` (None if the page has no content);
-    return the node (a new object for IMAGE)."""
-    if op == Op.LEAF_PUT:
-        key, cell, _ = decode_cell(data, 0)
-        node.put(key, cell)  # type: ignore[union-attr]
-    elif op == Op.LEAF_DEL:
-        node.remove(data)  # type: ignore[union-attr]
-    elif op == Op.IMAGE:
+    return the node (a new object for IMAGE).
+
+    Raises ValueError for an op that is not a B+tree op, or that does not fit
+    the node (a leaf op on an internal node, any op but IMAGE on None).
+    """
+    if op == Op.IMAGE:
         return decode_node(data[0], data[1:])
-    elif op == Op.LEAF_CUT:
-        node.cut(_U16.unpack_from(data)[0])  # type: ignore[union-attr]
+    if op in (Op.LEAF_PUT, Op.LEAF_DEL, Op.LEAF_CUT):
+        if not isinstance(node, LeafNode):
+            raise ValueError(f"leaf op {op} on {node!r}")
+        if op == Op.LEAF_PUT:
+            key, cell, _ = decode_cell(data, 0)
+            node.put(key, cell)
+        elif op == Op.LEAF_DEL:
+            node.remove(data)
+        else:
+            node.cut(_U16.unpack_from(data)[0])
     elif op in (Op.INT_INSERT, Op.INT_SETKEY, Op.INT_REMOVE):
+        if not isinstance(node, InternalNode):
+            raise ValueError(f"internal node op {op} on {node!r}")
         index, klen = _U16U16.unpack_from(data)
         key = data[4 : 4 + klen]
         if op == Op.INT_INSERT:
-            node.insert(index, key, _U64.unpack_from(data, 4 + klen)[0])  # type: ignore[union-attr]
+            node.insert(index, key, _U64.unpack_from(data, 4 + klen)[0])
         elif op == Op.INT_SETKEY:
-            node.set_key(index, key)  # type: ignore[union-attr]
+            node.set_key(index, key)
         else:
-            node.remove(index)  # type: ignore[union-attr]
+            node.remove(index)
     else:
         raise ValueError(f"not a B+tree op: {op}")
     return node

@@ -238,7 +238,7 @@ class PageFile:
     def allocate(self) -> int:
         """A free logical id (the lowest one), now allocated."""
         if self._free_lids:
-            lid = self._free_lids.pop(0)
+            lid: int = self._free_lids.pop(0)
         else:
             lid = len(self._slot)
             self._slot.append(0)
@@ -284,7 +284,8 @@ class PageFile:
 
     def _take_slot(self) -> int:
         if self._free_slots:
-            return self._free_slots.pop(0)
+            slot: int = self._free_slots.pop(0)
+            return slot
         slot = self._nslots
         self._nslots += 1
         return slot
@@ -303,7 +304,8 @@ class PageFile:
         return decode_page(self._read_slot(slot), lid, self._crc[lid], f"{self.path} page {lid} (slot {slot})")
 
     def _read_slot(self, slot: int) -> bytes:
-        return self._file.pread(slot * self.page_size, self.page_size)
+        data: bytes = self._file.pread(slot * self.page_size, self.page_size)
+        return data
 
     def write_page(self, lid: int, ptype: int, page_lsn: int, body: bytes) -> None:
         """Write page ``lid`` to a free slot (never a durable one: P2) and point
@@ -400,8 +402,8 @@ class PageFile:
         state.nslots = self._nslots
         image = set(self._slot)
         image.discard(0)
-        for level in new_pt:
-            image.update(s for s, _ in level.values())
+        for pt_level in new_pt:
+            image.update(s for s, _ in pt_level.values())
         state.image = image
         self._pt_dirty.clear()
         self._flip = state

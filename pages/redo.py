@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pages.format import PageType
-from pages.node import Op, apply_tree_op, decode_node, pack_ops, unpack_ops
+from pages.node import Op, PageOp, apply_tree_op, decode_node, pack_ops, unpack_ops
 
 _UNDO_OPS = (Op.UNDO_APPEND, Op.UNDO_SETNEXT, Op.UNDO_MARK)
 
@@ -73,20 +73,21 @@ def _needs_redo(pool: Any, pagefile: Any, lid: int, first_op: int, lsn: int) -> 
     that does not exist is created by an IMAGE; any other op on it is
     superseded (see the module docstring)."""
     if pagefile.has_image(lid) or pool.cached(lid) is not None:
-        return pool.get(lid).page_lsn < lsn
+        page_lsn: int = pool.get(lid).page_lsn
+        return page_lsn < lsn
     if pagefile.is_allocated(lid):
         return True  # allocated during this restart, content still to come
     return first_op == Op.IMAGE
 
 
-def apply_live(pool: Any, pagefile: Any, log_ops: Callable[[list], int], ops: list) -> int:
+def apply_live(pool: Any, pagefile: Any, log_ops: Callable[[list[PageOp]], int], ops: list[PageOp]) -> int:
     """Log ``ops`` as one record, then apply them; return the record's LSN."""
     lsn = log_ops(ops)
     apply_logged(pool, pagefile, ops, lsn)
     return lsn
 
 
-def apply_logged(pool: Any, pagefile: Any, ops: list, lsn: int) -> None:
+def apply_logged(pool: Any, pagefile: Any, ops: list[PageOp], lsn: int) -> None:
     """Apply ``ops`` that the caller logged at ``lsn``."""
     for lid, op, data in ops:
         _apply(pool, pagefile, lid, op, data, lsn)

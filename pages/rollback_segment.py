@@ -30,11 +30,14 @@ Header page body: ``u64 head | u64 tail``.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from pages import redo
+from pages.buffer_pool import BufferPool
 from pages.format import PageType
-from pages.node import OVF_REF_SIZE, Op, OverflowRef, body_capacity, op_image
+from pages.node import OVF_REF_SIZE, Op, OverflowRef, PageOp, Value, body_capacity, op_image
+from pages.pagefile import PageFile
 from wal.errors import CorruptionError
 
 ABSENT = 0x01
@@ -49,6 +52,8 @@ _U64 = struct.Struct("<Q")
 _OVF = struct.Struct("<QIIBI")
 _HEADER = struct.Struct("<QQ")
 
+LogOps = Callable[[list[PageOp]], int]  # append a record of page ops, return its LSN
+
 
 class UndoRecord(NamedTuple):
     """A decoded undo record.  ``value`` is bytes, an OverflowRef, or None
@@ -61,14 +66,14 @@ class UndoRecord(NamedTuple):
     prev_undo: int
     flags: int
     key: bytes
-    value: Any
+    value: Value | None
 
 
-def encode_undo(txid: int, txn_prev: int, prev_writer: int, prev_undo: int, flags: int, key: bytes, value: Any) -> bytes:
+def encode_undo(txid: int, txn_prev: int, prev_writer: int, prev_undo: int, flags: int, key: bytes, value: Value | None) -> bytes:
     if value is None:
         vb = b""
         flags |= ABSENT
-    elif value.__class__ is OverflowRef:
+    elif isinstance(value, OverflowRef):
         vb = _OVF.pack(*value)
         flags |= _OVERFLOW
     else:
@@ -94,11 +99,12 @@ class UndoPage:
         return _U64.pack(self.next) + bytes(self.data)
 
     @classmethod
-    def decode(cls, body: bytes, page_lsn: int = 0) -> "UndoPage":
+    def decode(cls, body: bytes, page_lsn: int = 0) -> UndoPage:
         return cls(_U64.unpack_from(body)[0], body[8:], page_lsn)
 
     def records(self, lid: int) -> list[UndoRecord]:
-        out, pos, data = [], 0, self.data
+        out: list[UndoRecord] = []
+        pos, data = 0, self.data
         while pos < len(data):
             rec = _decode_at(data, pos, lid)
             out.append(rec)
@@ -122,8 +128,9 @@ class UndoHeader:
         return _HEADER.pack(self.head, self.tail)
 
     @classmethod
-    def decode(cls, body: bytes, page_lsn: int = 0) -> "UndoHeader":
-        return cls(*_HEADER.unpack_from(body), page_lsn=page_lsn)
+    def decode(cls, body: bytes, page_lsn: int = 0) -> UndoHeader:
+        head, tail = _HEADER.unpack_from(body)
+        return cls(head, tail, page_lsn)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, UndoHeader) and (self.head, self.tail) == (other.head, other.tail)
@@ -145,11 +152,11 @@ def _decode_at(data: bytes | bytearray, pos: int, lid: int) -> UndoRecord:
     vb = bytes(data[p : p + vlen])
     if p + vlen != end:
         raise CorruptionError(where, "undo record length does not match its fields")
-    value: Any = None if flags & ABSENT else OverflowRef(*_OVF.unpack(vb)) if flags & _OVERFLOW else vb
+    value: Value | None = None if flags & ABSENT else OverflowRef(*_OVF.unpack(vb)) if flags & _OVERFLOW else vb
     return UndoRecord((lid << 16) | pos, txid, txn_prev, prev_writer, prev_undo, flags & ~_OVERFLOW, key, value)
 
 
-def apply_undo_op(node: Any, op: int, data: bytes) -> Any:
+def apply_undo_op(node: UndoPage, op: int, data: bytes) -> UndoPage:
     """Redo of a rollback-segment op on an undo page."""
     if op == Op.UNDO_APPEND:
         (offset,) = _U32.unpack_from(data)
@@ -168,7 +175,7 @@ def apply_undo_op(node: Any, op: int, data: bytes) -> Any:
 class RollbackSegment:
     """The undo pages of one database, rooted at the header page ``header``."""
 
-    def __init__(self, pool: Any, pagefile: Any, log_ops: Callable[[list], int], header: int) -> None:
+    def __init__(self, pool: BufferPool, pagefile: PageFile, log_ops: LogOps, header: int) -> None:
         self.pool = pool
         self.pagefile = pagefile
         self._log = log_ops
@@ -178,7 +185,7 @@ class RollbackSegment:
         self._pages_added = 0  # since take_pages_added() was last called
 
     @classmethod
-    def create(cls, pool: Any, pagefile: Any, log_ops: Callable[[list], int]) -> "RollbackSegment":
+    def create(cls, pool: BufferPool, pagefile: PageFile, log_ops: LogOps) -> RollbackSegment:
         header = pagefile.allocate()
         first = pagefile.allocate()
         pool.begin_op()
@@ -193,15 +200,15 @@ class RollbackSegment:
             pool.end_op()
         return cls(pool, pagefile, log_ops, header)
 
-    def plan_append(self, record: bytes, ops: list) -> int:
+    def plan_append(self, record: bytes, ops: list[PageOp]) -> int:
         """Add the ops that append ``record`` (from ``encode_undo``) to
         ``ops``; return the record's pointer.  The caller logs and applies
         ``ops`` (``pages.redo.apply_live``), usually with the B+tree change the
         record belongs to, in one log record."""
         if len(record) > self.max_record:
             raise ValueError(f"undo record of {len(record)} bytes exceeds an undo page ({self.max_record})")
-        hdr = self.pool.get(self.header)
-        tail = self.pool.get(hdr.tail)
+        hdr: UndoHeader = self.pool.get(self.header)
+        tail: UndoPage = self.pool.get(hdr.tail)
         pending = sum(len(d) - 4 for lid, op, d in ops if lid == hdr.tail and op == Op.UNDO_APPEND)
         offset = len(tail.data) + pending
         if offset + len(record) <= self.capacity:
@@ -215,7 +222,7 @@ class RollbackSegment:
         return new << 16
 
     @staticmethod
-    def plan_mark_undone(ptr: int, ops: list) -> None:
+    def plan_mark_undone(ptr: int, ops: list[PageOp]) -> None:
         """Add the op that marks the record at ``ptr`` undone."""
         ops.append((ptr >> 16, Op.UNDO_MARK, _U32.pack(ptr & 0xFFFF)))
 
@@ -223,7 +230,7 @@ class RollbackSegment:
         """Append ``record``, logged; return its pointer."""
         self.pool.begin_op()
         try:
-            ops: list = []
+            ops: list[PageOp] = []
             ptr = self.plan_append(record, ops)
             redo.apply_live(self.pool, self.pagefile, self._log, ops)
             return ptr
@@ -242,14 +249,15 @@ class RollbackSegment:
             raise ValueError("null undo pointer")
         lid, offset = ptr >> 16, ptr & 0xFFFF
         node = self.pool.get(lid)
-        if node.__class__ is not UndoPage:
+        if not isinstance(node, UndoPage):
             raise CorruptionError(f"undo pointer {ptr:#x}", f"page {lid} is not an undo page")
         return _decode_at(node.data, offset, lid)
 
     def pages(self) -> list[int]:
         """The undo page ids, oldest first."""
-        hdr = self.pool.get(self.header)
-        out, lid = [], hdr.head
+        hdr: UndoHeader = self.pool.get(self.header)
+        out: list[int] = []
+        lid = hdr.head
         while lid:
             out.append(lid)
             lid = self.pool.get(lid).next
@@ -261,11 +269,11 @@ class RollbackSegment:
         freed = 0
         self.pool.begin_op()
         try:
-            hdr = self.pool.get(self.header)
+            hdr: UndoHeader = self.pool.get(self.header)
             head = hdr.head
-            ops: list = []
+            ops: list[PageOp] = []
             while head != hdr.tail:
-                page = self.pool.get(head)
+                page: UndoPage = self.pool.get(head)
                 if keep(page.records(head)):
                     break
                 ops.append((head, Op.FREE, b""))

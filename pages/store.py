@@ -27,7 +27,7 @@ from typing import Any
 from pages.btree import BTree
 from pages.buffer_pool import BufferPool
 from pages.format import MIN_PAGE_SIZE
-from pages.node import pack_ops
+from pages.node import PageOp, pack_ops
 from pages.pagefile import PageFile, page_file_path
 from pages.redo import decode_any, redo_record
 from pages.rollback_segment import RollbackSegment
@@ -59,7 +59,7 @@ class PageStore:
     def _flush_log(self, lsn: int) -> None:
         self.wal.flush(lsn)  # P1: the WAL rule, before a page is written
 
-    def log_ops(self, ops: list, txid: int = 0) -> int:
+    def log_ops(self, ops: list[PageOp], txid: int = 0) -> int:
         """Append ``ops`` as one PAGE_REDO record; return its LSN."""
         return self.wal.append(RecordType.PAGE_REDO, txid, pack_ops(ops))
 
@@ -92,7 +92,10 @@ class PageStore:
 
     @staticmethod
     def roots_of(app: bytes) -> tuple[int, int]:
-        return _ROOTS.unpack_from(app)  # type: ignore[return-value]
+        root: int
+        undo_header: int
+        root, undo_header = _ROOTS.unpack_from(app)
+        return root, undo_header
 
     def app_area(self, extra: bytes = b"") -> bytes:
         if len(extra) > APP_EXTRA_SIZE:

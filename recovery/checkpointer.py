@@ -52,7 +52,7 @@ POLL_SECONDS = 0.05
 STALL_SECONDS = 10.0  # a write stall never lasts longer than this
 
 #: table_fn() -> ({txid: (last undo, last LSN, gid or None)}, next txid)
-TableFn = Callable[[], tuple[dict, int]]
+TableFn = Callable[[], tuple[dict[int, tuple[int, int, bytes | None]], int]]
 #: extra_fn() -> bytes for the meta's application area
 ExtraFn = Callable[[], bytes]
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pages.node import PageOp
 from pages.rollback_segment import RollbackSegment  # noqa: F401 - documents the dependency
 from recovery.undo import clr_undo_next, rollback_chain
 from wal.errors import CorruptionError
@@ -164,7 +165,7 @@ def restart(store: Any, wal: Any, append_clr: AppendClr) -> RestartReport:
             continue
         chain = [last_lsn]
 
-        def clr(tx: int, undo_next: int, ops: list, _chain: list = chain) -> int:
+        def clr(tx: int, undo_next: int, ops: list[PageOp], _chain: list[int] = chain) -> int:
             lsn = append_clr(tx, undo_next, ops, _chain[0])
             _chain[0] = lsn
             return lsn

@@ -12,19 +12,20 @@ crash resumes where it stopped and no step is undone twice (ARIES).
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
 
-from pages.node import FLAG_DELETED, pack_ops
+from pages.node import FLAG_DELETED, PageOp, pack_ops
 from pages.rollback_segment import ABSENT, UNDONE, WAS_DELETED, RollbackSegment
+from pages.store import PageStore
 from wal.format import RecordType
 
 _U64 = struct.Struct("<Q")
 
 #: append_clr(txid, undo_next, ops) -> LSN
-AppendClr = Callable[[int, int, list], int]
+AppendClr = Callable[[int, int, list[PageOp]], int]
 
 
-def rollback_chain(store: Any, txid: int, last_undo: int, stop_at: int, append_clr: AppendClr) -> int:
+def rollback_chain(store: PageStore, txid: int, last_undo: int, stop_at: int, append_clr: AppendClr) -> int:
     """Undo ``txid``'s changes from ``last_undo`` back to (not including)
     ``stop_at``; return ``stop_at``.  Caller holds the engine latch."""
     tree, undo = store.tree, store.undo
@@ -36,10 +37,10 @@ def rollback_chain(store: Any, txid: int, last_undo: int, stop_at: int, append_c
 
             raise CorruptionError(f"undo record {ptr:#x}", f"belongs to transaction {rec.txid}, not {txid}")
         nxt = rec.txn_prev
-        ops: list = []
+        ops: list[PageOp] = []
         RollbackSegment.plan_mark_undone(ptr, ops)
 
-        def log(step_ops: list, _next: int = nxt) -> int:
+        def log(step_ops: list[PageOp], _next: int = nxt) -> int:
             return append_clr(txid, _next, step_ops)
 
         cell = tree.get(rec.key)
@@ -57,20 +58,22 @@ def rollback_chain(store: Any, txid: int, last_undo: int, stop_at: int, append_c
         else:
             value = rec.value
             flags = FLAG_DELETED if rec.flags & WAS_DELETED else 0
-            if value.__class__ is bytes:
+            if isinstance(value, bytes):
                 tree.put(rec.key, value, rec.prev_writer, rec.prev_undo, flags, free_old=True, extra_ops=ops, log=log)
             else:  # an overflow value: restore the reference itself
+                assert value is not None, "only a record of an absent key has no value"
                 tree.put_cell(rec.key, (flags, rec.prev_writer, rec.prev_undo, value), free_old=True, extra_ops=ops, log=log)
         ptr = nxt
     return stop_at
 
 
-def clr_payload(undo_next: int, ops: list) -> bytes:
+def clr_payload(undo_next: int, ops: list[PageOp]) -> bytes:
     return _U64.pack(undo_next) + pack_ops(ops)
 
 
 def clr_undo_next(payload: bytes) -> int:
-    return _U64.unpack_from(payload)[0]
+    undo_next: int = _U64.unpack_from(payload)[0]
+    return undo_next
 
 
 __all__ = ["rollback_chain", "clr_payload", "clr_undo_next", "RecordType"]

@@ -109,8 +109,9 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from typing import Any
 
 OK, FAIL, INFO = "ok", "fail", "info"
 APPEND, READ, SCAN = "append", "r", "scan"

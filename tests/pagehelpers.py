@@ -11,8 +11,10 @@ layout documented in ``pages.format``, so invariant tests (P1-P4 of
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from itertools import pairwise
+from typing import Any
 
 from pages.faultfs import FaultFS
 from pages.format import (
@@ -283,7 +285,7 @@ def check_tree(st: PageStore, fill: bool = True) -> dict[str, Any]:
         if fill and lid != tree.root:
             assert node.size >= tree.min_fill, f"page {lid} under-full"
         keys = node.keys
-        assert all(a < b for a, b in zip(keys, keys[1:])), f"page {lid}: keys out of order"
+        assert all(a < b for a, b in pairwise(keys)), f"page {lid}: keys out of order"
         assert all(1 <= len(k) <= 1024 for k in keys), f"page {lid}: bad key length"
         if keys:
             assert lo is None or keys[0] >= lo, f"page {lid}: key below its bound"

@@ -81,7 +81,7 @@ def test_backups_taken_while_four_threads_transfer_are_consistent(tmp_path):
                 s, d = rng.sample(range(ACCOUNTS), 2)
                 amount = rng.randint(1, 50)
 
-                def transfer(tx: kvstore.Transaction) -> None:
+                def transfer(tx: kvstore.Transaction, s: int = s, d: int = d, amount: int = amount, tid: int = tid) -> None:
                     a = int(tx.get(acct(s)))
                     b = int(tx.get(acct(d)))
                     tx.put(acct(s), b"%d" % (a - amount))

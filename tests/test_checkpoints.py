@@ -232,9 +232,9 @@ def loaded_store(seed: int = 1) -> tuple[FaultFS, kvstore.Database, dict[bytes, 
     db = kvstore.open(DB, _fs=fs, sync="full", checkpoint_wal_bytes=1 << 40, checkpoint_interval=3600)
     rng = random.Random(seed)
     model = {}
-    for i in range(40):
+    for _ in range(40):
         with db.transaction() as tx:
-            for j in range(5):
+            for _ in range(5):
                 k, v = b"k%03d" % rng.randrange(120), rng.randbytes(rng.choice([10, 300]))
                 tx.put(k, v)
                 model[k] = v
@@ -387,7 +387,7 @@ def test_checkpoint_while_commit_prepared_waits_for_its_fsync():
             assert release.wait(10)
         return real_flush(*args, **kwargs)
 
-    db._wal.flush = slow_flush  # type: ignore[method-assign]
+    db._wal.flush = slow_flush  # type: ignore[method-assign]  # test hook: hold the committer inside its flush
     t = threading.Thread(target=db.commit_prepared, args=(b"g1",))
     committer.append(t)
     t.start()

@@ -405,8 +405,8 @@ def test_scan_start_stop_limit_reverse(tmp_path):
     for n in range(len(SCAN_CASES)):
         copies.append(str(tmp_path / f"copy{n}"))
         shutil.copytree(db, copies[-1])
-    results = kv_many([(["scan", c, *opts], None) for c, (opts, _) in zip(copies, SCAN_CASES)])
-    for (opts, expect), r in zip(SCAN_CASES, results):
+    results = kv_many([(["scan", c, *opts], None) for c, (opts, _) in zip(copies, SCAN_CASES, strict=True)])
+    for (opts, expect), r in zip(SCAN_CASES, results, strict=True):
         ok(r)
         assert r.stdout == "".join(f"{k}\t{k.upper()}\n" for k in expect), f"scan {' '.join(opts)}: {r.stdout!r}"
     empty = str(tmp_path / "empty")
@@ -620,7 +620,7 @@ def test_checkpoint_prints_the_lsn(tmp_path):
 def test_help_of_every_subcommand_shows_an_example():
     subs = [None] + SUBCOMMANDS
     results = kv_many([(["--help"] if sub is None else [sub, "--help"], None) for sub in subs])
-    for sub, r in zip(subs, results):
+    for sub, r in zip(subs, results, strict=True):
         ok(r)
         assert "usage: kvstore" in r.stdout
         lines = r.stdout.splitlines()
@@ -721,7 +721,7 @@ def test_a_locked_database_is_a_one_line_error(tmp_path):
     try:
         held.put(b"k", b"v")
         calls = [(args(p), None) for args in COMMANDS.values()] + [(["load", p], '{"key": "aw==", "value": "dg=="}\n')]
-        for (args, _), r in zip(calls, kv_many(calls)):
+        for (args, _), r in zip(calls, kv_many(calls), strict=True):
             err = one_line_error(r, "already open")
             assert err.startswith(f"kvstore {args[0]}: "), err
         assert held.get(b"k") == b"v"  # and the holder is undisturbed

@@ -15,7 +15,6 @@ import json
 import random
 
 import pytest
-
 from elle import (
     ALLOWED,
     FAIL,
@@ -92,7 +91,7 @@ def _serial_model_history(seed: int, n: int, keys: int) -> list[Txn]:
         t = Txn(i, process=rng.randrange(4), type=OK, start=10 * i)
         local = {k: list(v) for k, v in state.items()}
 
-        def run_ops(count):
+        def run_ops(t, local, count):  # local is passed, not captured: rollback_to rebinds it
             for _ in range(count):
                 k = rng.randrange(keys)
                 roll = rng.random()
@@ -107,13 +106,13 @@ def _serial_model_history(seed: int, n: int, keys: int) -> list[Txn]:
                     hi = rng.randrange(lo, keys + 1)
                     t.scan(lo, hi, {k: v for k, v in local.items() if lo <= k < hi and v})
 
-        run_ops(rng.randrange(1, 5))
+        run_ops(t, local, rng.randrange(1, 5))
         if rng.random() < 0.2:  # a savepoint, some work, rollback_to it
             mark, saved = t.savepoint(), {k: list(v) for k, v in local.items()}
-            run_ops(rng.randrange(1, 3))
+            run_ops(t, local, rng.randrange(1, 3))
             t.rollback_to(mark)
             local = saved
-            run_ops(rng.randrange(0, 2))
+            run_ops(t, local, rng.randrange(0, 2))
         if rng.random() < 0.15:
             t.type = FAIL
         else:
@@ -141,7 +140,7 @@ def _snapshot_model_history(seed: int, n: int, keys: int, first_updater_wins: bo
     rng = random.Random(seed)
     values = iter(range(1, 10**9))
     spans = []
-    for i in range(n):
+    for _ in range(n):
         start = rng.randrange(n * 10)
         spans.append((start, start + rng.randrange(1, 60)))
     events = sorted([(s_, 1, i) for i, (s_, _) in enumerate(spans)] + [(e, 0, i) for i, (_, e) in enumerate(spans)])

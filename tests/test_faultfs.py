@@ -18,8 +18,18 @@ from hypothesis import strategies as st
 
 import pages.faultfs as faultfs
 from pages.faultfs import (
-    SECTOR, DropAll, Event, FaultFS, GrownNotWritten, KeepAll, OmitOne, PowerCut,
-    Prefix, Subset, Torn, all_subsets,
+    SECTOR,
+    DropAll,
+    Event,
+    FaultFS,
+    GrownNotWritten,
+    KeepAll,
+    OmitOne,
+    PowerCut,
+    Prefix,
+    Subset,
+    Torn,
+    all_subsets,
 )
 
 OLD = b"o" * (3 * SECTOR)
@@ -966,11 +976,11 @@ def test_images_after_power_cut_match_a_model_of_what_was_fsynced(steps):
                 handles[i].fsync()
             pending = [(j, a) for j, a in pending if j != i]
     assert len(fs.pending()) == len(pending)
-    assert fs.durable_snapshot() == dict(zip(FILES, map(bytes, durable)))
-    assert fs.crash(DropAll()).snapshot() == dict(zip(FILES, map(bytes, durable)))
-    assert fs.crash(KeepAll()).snapshot() == dict(zip(FILES, map(bytes, visible)))
+    assert fs.durable_snapshot() == dict(zip(FILES, map(bytes, durable), strict=True))
+    assert fs.crash(DropAll()).snapshot() == dict(zip(FILES, map(bytes, durable), strict=True))
+    assert fs.crash(KeepAll()).snapshot() == dict(zip(FILES, map(bytes, visible), strict=True))
     for k in range(len(pending) + 1):  # every prefix of the model's pending list
         images = [bytearray(d) for d in durable]
         for j, act in pending[:k]:
             model_apply(images[j], act)
-        assert fs.crash(Prefix(k)).snapshot() == dict(zip(FILES, map(bytes, images)))
+        assert fs.crash(Prefix(k)).snapshot() == dict(zip(FILES, map(bytes, images), strict=True))

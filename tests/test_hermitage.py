@@ -17,7 +17,8 @@ run serially), which is what the serial-order check replays.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from pagehelpers import D, check_store, check_tree, contents, new_store, open_image, value_bytes
 from sortedcontainers import SortedDict
 
-from pagehelpers import D, check_store, check_tree, contents, new_store, open_image, value_bytes
 from pages import redo as redo_mod
 from pages.btree import MAX_KEY, MAX_VALUE
 from pages.node import FLAG_DELETED, InternalNode, OverflowRef

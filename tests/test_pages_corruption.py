@@ -26,8 +26,6 @@ import re
 from collections import Counter
 
 import pytest
-
-from kvstore import reliability
 from pagehelpers import (
     PAGES,
     Workload,
@@ -39,6 +37,8 @@ from pagehelpers import (
     open_image,
     replace_at,
 )
+
+from kvstore import reliability
 from pages.format import Meta
 from wal.errors import CorruptionError
 

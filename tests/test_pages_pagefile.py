@@ -18,11 +18,10 @@ P4. A slot freed by a flip is reused only after that flip's meta is durable.
 from __future__ import annotations
 
 import pytest
-
 from pagehelpers import (
-    D,
     DB_ID,
     PAGES,
+    D,
     Workload,
     check_store,
     contents,
@@ -35,6 +34,7 @@ from pagehelpers import (
     state_of,
     value_bytes,
 )
+
 from pages.buffer_pool import BufferPool
 from pages.faultfs import DropAll
 from pages.format import MAX_PAGE_SIZE, Meta, PageType

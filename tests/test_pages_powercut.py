@@ -18,8 +18,6 @@ import random
 from collections import Counter
 
 import pytest
-
-from kvstore import reliability
 from pagehelpers import (
     PAGES,
     Workload,
@@ -33,6 +31,8 @@ from pagehelpers import (
     replace_at,
     state_of,
 )
+
+from kvstore import reliability
 
 CACHE_PAGES = 8
 

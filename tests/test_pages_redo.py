@@ -18,11 +18,10 @@ import random
 from collections import Counter
 
 import pytest
-
 from pagehelpers import (
-    D,
     DB_ID,
     PAGES,
+    D,
     Workload,
     check_store,
     fs_with,
@@ -30,6 +29,7 @@ from pagehelpers import (
     new_store,
     state_of,
 )
+
 from pages.faultfs import DropAll, KeepAll
 from pages.node import Op, unpack_ops
 from pages.store import PageStore

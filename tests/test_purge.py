@@ -115,7 +115,9 @@ def test_rewriting_1000_keys_keeps_pages_file_and_undo_bounded(tmp_path):
     assert result["purged_undo_pages"] > 0
 
 
-@pytest.mark.skipif(not SOAK, reason="1,000,000 rewrites take minutes: run with KVSTORE_SOAK=1 (e.g. KVSTORE_SOAK=1 .venv/bin/python -m pytest tests/test_purge.py)")
+@pytest.mark.skipif(
+    not SOAK, reason="1,000,000 rewrites take minutes: run with KVSTORE_SOAK=1 (e.g. KVSTORE_SOAK=1 .venv/bin/python -m pytest tests/test_purge.py)"
+)
 @pytest.mark.soak
 def test_one_million_rewrites_keep_pages_file_and_undo_bounded(tmp_path):
     result = rewrite_workload(tmp_path / "db", SOAK_REWRITES, warmup=50_000, checkpoint_every=20_000)

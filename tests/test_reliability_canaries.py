@@ -57,7 +57,7 @@ import logging
 import os
 import re
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

@@ -109,16 +109,18 @@ import random
 import re
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from itertools import pairwise
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pagehelpers import flip_bit, newest_image, replace_at
 
 import kvstore
 from kvstore import reliability
-from pagehelpers import flip_bit, newest_image, replace_at
 from pages.faultfs import FaultFS
 from wal import canary
 from wal.errors import CorruptionError
@@ -433,7 +435,9 @@ class Reader:
             j = len(items) - 1 - i if reverse else i
             return 0 <= j < len(items) and items[j] == pair
 
-        self._keep(ok, f"{'reverse ' if reverse else ''}scan item {i} is {pair[0][:20]!r}...={pair[1][:12]!r}..., which no acceptable state has there")
+        self._keep(
+            ok, f"{'reverse ' if reverse else ''}scan item {i} is {pair[0][:20]!r}...={pair[1][:12]!r}..., which no acceptable state has there"
+        )
 
     def count(self, n: int, reverse: bool) -> None:
         self._keep(lambda s: len(self.items[s]) == n, f"{'reverse ' if reverse else ''}scan returned {n} pairs")
@@ -763,7 +767,7 @@ def faults_bit_flips(known: tuple[Known, Known]) -> list[Fault]:
     (met by redo, undo or the restart's checkpoint) and in the clean store
     (met by a scan, a get or check)."""
     faults = []
-    for k, bits in zip(known, (BITS_PER_PAGE, max(1, BITS_PER_PAGE // 3))):
+    for k, bits in zip(known, (BITS_PER_PAGE, max(1, BITS_PER_PAGE // 3)), strict=True):
         rng = _rng("flip", k.checkpoint_lsn)
         for slot in k.used_slots:
             page = slot_bytes(k.files, slot)
@@ -820,7 +824,8 @@ def faults_zeroed_sectors(known: tuple[Known, Known]) -> list[Fault]:
             page = slot_bytes(k.files, slot)
             sectors = [i for i in range(PS // SECTOR) if any(page[i * SECTOR : (i + 1) * SECTOR])]
             sector = rng.choice(sectors)
-            faults.append(page_fault(k, "page: zeroed sector", f"slot {slot} sector {sector}", slot, replace_at(page, sector * SECTOR, bytes(SECTOR))))
+            zeroed = replace_at(page, sector * SECTOR, bytes(SECTOR))
+            faults.append(page_fault(k, "page: zeroed sector", f"slot {slot} sector {sector}", slot, zeroed))
     return faults
 
 
@@ -954,8 +959,8 @@ def faults_page_file(known: tuple[Known, Known]) -> list[Fault]:
             faults.append(Fault(k, "page file: empty / truncated / wrong magic", f"{label} ({n} bytes)", {PAGE_FILE: data[:n]}, names, allowed))
         faults.append(Fault(k, "page file: empty / truncated / wrong magic", "wrong magic, meta 0", {PAGE_FILE: [(4, b"XXXX")]},
                             name, (DETECTED if k.meta_slot == 0 else HARMLESS)))
-        faults.append(Fault(k, "page file: empty / truncated / wrong magic", "wrong magic, both metas", {PAGE_FILE: [(4, b"XXXX"), (PS + 4, b"XXXX")]},
-                            name, DETECTED))
+        faults.append(Fault(k, "page file: empty / truncated / wrong magic", "wrong magic, both metas",
+                            {PAGE_FILE: [(4, b"XXXX"), (PS + 4, b"XXXX")]}, name, DETECTED))
     return faults
 
 
@@ -1020,7 +1025,8 @@ def faults_wal_last_record(known: tuple[Known, Known]) -> list[Fault]:
         last = k.records[-1]
         data = k.files[last.name]
         for off in range(last.offset, last.offset + last.size):
-            f = wal_fault(k, "wal: every byte of the last record", f"{last.name}+{off}", {last.name: _damage_byte(data, off, rng)}, seg_names(k, last.name))
+            damaged = {last.name: _damage_byte(data, off, rng)}
+            f = wal_fault(k, "wal: every byte of the last record", f"{last.name}+{off}", damaged, seg_names(k, last.name))
             if k is crash:
                 assert f.cut == k.model_at(last.lsn) != k.model
                 f.allowed = frozenset({"cut"})
@@ -1079,7 +1085,7 @@ def faults_segments(known: tuple[Known, Known]) -> list[Fault]:
     assert f.cut == k.model_at(k.segment_first(segs[-1]))
     faults.append(f)
     rng = _rng("swap")
-    pairs = list(zip(segs, segs[1:])) + [(segs[0], segs[-1])] + _sample(rng, [(a, b) for a in segs for b in segs if a < b], 4)
+    pairs = list(pairwise(segs)) + [(segs[0], segs[-1])] + _sample(rng, [(a, b) for a in segs for b in segs if a < b], 4)
     for a, b in pairs:
         files = {a: k.files[b], b: k.files[a]}
         faults.append(wal_fault(k, "wal: two segments swapped", f"{a} <-> {b}", files, [*seg_names(k, a), *seg_names(k, b)], DETECTED))
@@ -1203,7 +1209,7 @@ def test_random_edit_of_any_file_is_detected_or_harmless_never_wrong(known, data
     the directory (misdirected), the bytes an older image had there (lost
     write), garbage appended.  Within the timeout, always an acceptable
     outcome: detected and named, harmless, or a permitted cut."""
-    k = dict(zip(("crash", "clean"), known))[data.draw(st.sampled_from(("crash", "clean")), label="store")]
+    k = dict(zip(("crash", "clean"), known, strict=True))[data.draw(st.sampled_from(("crash", "clean")), label="store")]
     name = data.draw(st.sampled_from(sorted(k.files, key=lambda n: (n != PAGE_FILE, n))), label="file")
     old = k.files[name]
     kind = data.draw(st.sampled_from(EDITS), label="edit")

@@ -38,9 +38,9 @@ import random
 from collections import Counter
 
 import pytest
+from crashkit import PLAN_KINDS, Limits, Run, Workload, enumerate_crashes, recover_state, report
 
 import wal.writer
-from crashkit import PLAN_KINDS, Limits, Run, Workload, enumerate_crashes, recover_state, report
 from pages.faultfs import DropAll, KeepAll
 from wal import canary
 

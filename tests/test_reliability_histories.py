@@ -51,10 +51,10 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
-import kvstore
 from commitwindow import CommitWindow
 from elle import FAIL, OK, Recorder, Txn, check, write_elle
+
+import kvstore
 from kvstore import ConflictError, reliability
 from wal import canary
 

@@ -175,7 +175,7 @@ class Child:
         self.gated = gated
         self.killed_by_us = False
 
-    def go(self) -> "Child":
+    def go(self) -> Child:
         if self.gated:
             self.proc.stdin.write(b"go\n")
             self.proc.stdin.close()
@@ -517,4 +517,8 @@ def test_prepared_transaction_survives_sigkill_and_kills_during_restart(tmp_path
     # one in open, the resolving child), each followed by a recovery
     reliability.add("sigkill_rounds", 5)
     reliability.add("acked_verified", len(side.acked))
-    print(f"\nprepared across SIGKILL ({decision}): 1 prepare, 2 kills at failpoints in restart, a timed kill {'inside' if k3_in_open else 'after'} open, {len(side.acked)} acked verified, lost 0")
+    where = "inside" if k3_in_open else "after"
+    print(
+        f"\nprepared across SIGKILL ({decision}): 1 prepare, 2 kills at failpoints in restart, a timed kill {where} open, "
+        f"{len(side.acked)} acked verified, lost 0"
+    )

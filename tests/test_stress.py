@@ -32,9 +32,9 @@ import threading
 import time
 
 import pytest
+from commitwindow import CommitWindow
 
 import kvstore
-from commitwindow import CommitWindow
 from kvstore import ConflictError
 
 THREADS = 8
@@ -99,7 +99,7 @@ def test_bank_transfers_keep_the_total_and_equal_a_serial_order(tmp_path, isolat
             src, dst = rng.sample(range(ACCOUNTS), 2)
             amount = rng.randint(1, 300)
 
-            def fn(tx):
+            def fn(tx, src=src, dst=dst, amount=amount):  # bind this iteration's values (B023)
                 attempts[me] += 1
                 a = int(tx.get(acct(src)))
                 b = int(tx.get(acct(dst)))
@@ -189,7 +189,7 @@ def skew_workload(db, errors: list, check_readers: bool) -> dict:
             amount = rng.randint(1, 120)
             deposit = rng.random() < 0.2
 
-            def fn(tx):
+            def fn(tx, which=which, amount=amount, deposit=deposit):  # bind this iteration's values (B023)
                 a1, a2 = int(tx.get(b"a1")), int(tx.get(b"a2"))
                 if deposit:
                     tx.put(which, b"%d" % ((a1 if which == b"a1" else a2) + amount))
@@ -357,7 +357,7 @@ def test_scans_see_one_snapshot_while_leaves_split_and_merge(tmp_path):
             for _ in range(rounds):
                 batch = rng.sample(range(400), 60)
 
-                def fn(tx):
+                def fn(tx, present=present, batch=batch):  # bind this iteration's values (B023)
                     now = set(present)
                     for i in batch:
                         k = b"d%d-%04d" % (w, i)

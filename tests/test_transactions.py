@@ -17,7 +17,7 @@ import time
 import pytest
 
 import kvstore
-from kvstore import ClosedError, ConflictError, TransactionError
+from kvstore import ConflictError, TransactionError
 from pages.faultfs import DropAll, FaultFS, KeepAll
 
 MiB = 1 << 20
@@ -1160,7 +1160,7 @@ def test_many_threads_with_their_own_transactions(path, isolation):
             barrier.wait(10)
             for i in range(n_tx):
 
-                def incr(tx):
+                def incr(tx, i=i):
                     tx.put(b"own-%d-%03d" % (t, i), b"x")
                     own = int(tx.get(b"count-%d" % t, b"0"))
                     tx.put(b"count-%d" % t, b"%d" % (own + 1))

@@ -18,6 +18,7 @@ import os
 import random
 import threading
 import time
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -190,7 +191,7 @@ def test_records_round_trip_through_append_flush_reopen(specs, segment_size):
     assert log.end_lsn == log.durable_lsn == appended[-1][0] + log.read(appended[-1][0]).size
     segs = log.segments()
     assert segs[0].first_lsn == 0 and segs[-1].end_lsn == log.end_lsn
-    assert all(a.end_lsn == b.first_lsn for a, b in zip(segs, segs[1:]))  # contiguous
+    assert all(a.end_lsn == b.first_lsn for a, b in pairwise(segs))  # contiguous
     log.close()
 
 
@@ -214,7 +215,7 @@ def test_lsns_are_byte_positions_and_records_never_span_segments():
     fs = new_fs()
     log, keys = write_log(fs, noops(60, 300), segment_size=4096, flush_every=7)
     recs = list(log.records())
-    assert all(a.end == b.lsn for a, b in zip(recs, recs[1:]))
+    assert all(a.end == b.lsn for a, b in pairwise(recs))
     for seg in log.segments():
         inside = [r for r in recs if seg.first_lsn <= r.lsn < seg.end_lsn]
         assert inside and inside[0].lsn == seg.first_lsn and inside[-1].end == seg.end_lsn
@@ -534,7 +535,7 @@ def four_segments():
     fs = new_fs()
     log = open_log(fs, segment_size=4096)
     keys, stale = [], None
-    for i, (rtype, txid, payload) in enumerate(noops(16, 1200, seed=7)):
+    for rtype, txid, payload in noops(16, 1200, seed=7):
         keys.append((log.append(rtype, txid, payload), rtype, txid, NO_LSN, payload))
         log.flush()
         if len(log.segments()) == 2 and stale is None and log.end_lsn > log.segments()[1].first_lsn:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -174,7 +175,7 @@ def check_recovered(fs: FaultFS, run: Run, what: str) -> tuple[list[tuple], bool
         pytest.fail(f"{what}: open raised {e!r} after a power cut")
     got = [key(r) for r in log.records()]
     recs = list(log.records())
-    assert all(a.end == b.lsn for a, b in zip(recs, recs[1:])), f"{what}: log is not contiguous"
+    assert all(a.end == b.lsn for a, b in pairwise(recs)), f"{what}: log is not contiguous"
     if run.truncated_at is None:
         assert got == run.appended[: len(got)], f"{what}: not a prefix of the appended records"
     else:  # a contiguous run that starts at or below the truncation point

@@ -18,8 +18,8 @@ Never set in production code; nothing outside the tests imports ``planted``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 #: acknowledge a commit without the WAL fsync (wal/writer.py)
 skip_wal_fsync = False

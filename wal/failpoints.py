@@ -31,12 +31,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["failpoint", "arm", "disarm", "disarm_all", "hits", "armed", "load_from_environment"]
 
 _lock = threading.Lock()
-_armed: dict[str, "_Arm"] = {}  # guarded by _lock for writes; read without it
+_armed: dict[str, _Arm] = {}  # guarded by _lock for writes; read without it
 _hits: dict[str, int] = {}  # counts hits of armed points only
 
 

@@ -58,7 +58,7 @@ import struct
 from typing import NamedTuple
 
 import crc32c
-import lz4.block
+import lz4.block  # type: ignore[import-untyped]  # lz4 ships neither type hints nor stubs
 
 from wal.errors import CorruptionError
 
@@ -184,7 +184,7 @@ def prepare_payload(payload: bytes, threshold: int = COMPRESS_THRESHOLD) -> tupl
     """
     flags = 0
     if len(payload) >= threshold:
-        packed = lz4.block.compress(payload)
+        packed: bytes = lz4.block.compress(payload)
         if len(packed) < len(payload) - len(payload) // 16:
             payload, flags = packed, FLAG_LZ4
     return payload, flags, crc32c.crc32c(payload)
@@ -237,7 +237,7 @@ def decode_record(buf: bytes | memoryview, offset: int, lsn: int) -> Record | No
         return None
     if flags & FLAG_LZ4:
         try:
-            payload = lz4.block.decompress(stored)
+            payload: bytes = lz4.block.decompress(stored)
         except Exception:  # lz4 raises its own error types; a good crc makes this near impossible
             return None
     else:

@@ -75,7 +75,8 @@ def segment_files(fs: Any, directory: str) -> list[tuple[int, str]]:
 def _read_all(fs: Any, path: str) -> bytes:
     f = fs.open(path)
     try:
-        return f.pread(0, f.size())
+        data: bytes = f.pread(0, f.size())
+        return data
     finally:
         f.close()
 

@@ -35,6 +35,7 @@ L6. ``truncate_before`` removes segments oldest first, each removal made
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import weakref
@@ -154,7 +155,7 @@ class LogWriter:
         """The segments, oldest first (the last one's end is the written end)."""
         with self._seg_lock:
             segs = [Segment(s.path, s.first_lsn, s.end_lsn) for s in self._segments]
-        for a, b in zip(segs, segs[1:]):
+        for a, b in itertools.pairwise(segs):  # each segment ends where the next begins
             a.end_lsn = b.first_lsn
         segs[-1].end_lsn = self._written_lsn
         return segs
@@ -307,7 +308,8 @@ class LogWriter:
         if error is not None:
             if not isinstance(error, OSError):
                 raise error  # e.g. KeyboardInterrupt: the log is poisoned all the same
-            raise self._poison from error  # type: ignore[misc]
+            assert self._poison is not None  # set above, or by an earlier failure
+            raise self._poison from error
 
     def _write_out(self, items: list[bytes | int], lsn: int) -> int | None:
         """Write queued items from ``lsn`` on, rolling segments where they
@@ -316,14 +318,14 @@ class LogWriter:
         rolled_to = None
         chunk: list[bytes] = []
         for item in items:
-            if type(item) is int:
+            if isinstance(item, int):  # a roll marker (items are bytes or int, never bool)
                 lsn = self._write_chunk(chunk, lsn)
                 chunk = []
                 self._mark_written(lsn)
                 self._roll(item)
                 rolled_to = item
             else:
-                chunk.append(item)  # type: ignore[arg-type]
+                chunk.append(item)
         self._write_chunk(chunk, lsn)
         return rolled_to
 
