@@ -24,7 +24,49 @@ S3. Nothing here retries a failed ``fsync``.  After an fsync error the kernel
     caller must treat the error as final (the WAL and page file poison
     themselves).
 S4. No mmap, no buffered file objects: raw descriptors, ``os.pread`` and
-    ``os.pwrite``.
+    ``os.pwrite`` (or their portable stand-ins, below).
+
+Portability
+-----------
+``OsFileSystem`` needs four things that are POSIX-only or Windows-only.
+Each has one fallback, and the whole choice is made in
+``OsFileSystem.__init__``:
+
+=====================  ============================  =======================================
+facility               POSIX                         fallback
+=====================  ============================  =======================================
+positioned read/write  ``os.pread``, ``os.pwrite``   ``os.lseek`` then ``os.read`` /
+                                                     ``os.write`` under the file's mutex
+                                                     (``_SeekingFile``)
+the lock file          ``fcntl.flock``               ``msvcrt.locking(fd, LK_NBLCK, 1)``
+                                                     after seeking to 0, ``LK_UNLCK`` on
+                                                     release (``_MsvcrtFileLock``)
+directory fsync (S2)   open the directory, fsync     skipped, in ``_fsync_dir`` and nowhere
+                                                     else: Windows cannot open a directory
+binary mode            --                            ``os.O_BINARY`` wherever it exists
+=====================  ============================  =======================================
+
+The switch is ``OsFileSystem(portable=...)``:
+
+- ``False``: each POSIX call where the platform has it, the fallback only
+  where it does not (no ``os.pread``, no ``fcntl``, ``os.name == "nt"``).
+- ``True``: every fallback, even where the POSIX call exists, so that Linux
+  runs the code Windows runs (``tests/test_portability.py``).  The lock
+  fallback needs a ``msvcrt`` module; where there is none (every POSIX
+  system) the lock stays ``flock`` -- the tests inject a stand-in
+  ``msvcrt`` to run that path.
+- ``None``, the default and what ``kvstore.open`` uses: ``True`` if the
+  environment variable ``KVSTORE_PORTABLE`` is ``1`` (any value but empty
+  or ``0``), else ``False``.
+
+On POSIX, portable mode gives up the directory fsyncs, so a power cut may
+lose a file just created or renamed: it is for testing, not production.
+``fs.calls`` says what an instance uses:
+
+    >>> OsFileSystem(portable=True).calls["positioned_io"]
+    'lseek+read/write'
+    >>> OsFileSystem(portable=True).calls["dir_fsync"]
+    'skipped'
 
 Example:
 
@@ -48,10 +90,11 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from typing import Any
 
 from wal import canary
 
-__all__ = ["File", "FileSystem", "OsFileSystem", "FileLock"]
+__all__ = ["File", "FileSystem", "OsFileSystem", "FileLock", "PORTABLE_ENV"]
 
 
 class File:
@@ -103,7 +146,7 @@ class File:
         """Close the file; later calls fail."""
         self._close()
 
-    def __enter__(self) -> "File":
+    def __enter__(self) -> File:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -249,8 +292,53 @@ class FileSystem:
 # ---------------------------------------------------------------------------
 # The real implementation over os.
 
+#: The environment variable that selects the portable fallbacks when
+#: ``OsFileSystem(portable=None)`` (see "Portability" above).
+PORTABLE_ENV = "KVSTORE_PORTABLE"
+
+#: Whether this platform can open a directory to fsync it.  Windows cannot
+#: (``os.open`` of a directory raises PermissionError).
+CAN_FSYNC_DIRECTORIES = os.name != "nt"
+
+#: The lock file's locked region under msvcrt: one byte at offset 0 (the file
+#: is empty; a region may extend past the end of a file).
+LOCK_BYTES = 1
+
+#: What ``msvcrt.locking(..., LK_NBLCK, ...)`` raises when another handle
+#: holds the region: EACCES (the C runtime's locking violation); EDEADLOCK is
+#: what its retrying modes give up with.
+_LOCKED_ERRNOS = frozenset({errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK), errno.EDEADLK})
+
+
+def _fcntl_module() -> Any:
+    """``fcntl``, or None where it does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    return fcntl
+
+
+def _msvcrt_module() -> Any:
+    """``msvcrt``, or None where it does not exist (everywhere but Windows)."""
+    try:
+        import msvcrt
+    except ImportError:
+        return None
+    return msvcrt
+
+
+def portable_from_environment() -> bool:
+    """True if ``$KVSTORE_PORTABLE`` asks for the portable fallbacks.
+
+    ``1`` (or any value but empty and ``0``) means yes.
+    """
+    return os.environ.get(PORTABLE_ENV, "") not in ("", "0")
+
 
 class _OsFile(File):
+    """A file over a raw descriptor, with ``os.pread``/``os.pwrite``."""
+
     __slots__ = ("path", "_fd")
 
     def __init__(self, path: str, fd: int) -> None:
@@ -278,8 +366,34 @@ class _OsFile(File):
             os.close(fd)
 
 
+class _SeekingFile(_OsFile):
+    """Positioned I/O without ``os.pread``/``os.pwrite``: seek, then read or
+    write.  A descriptor has one file offset, so the seek and the transfer
+    happen under the file's mutex, or another thread could move the offset
+    between them (the engine reads one file from many threads)."""
+
+    __slots__ = ("_mutex",)
+
+    def __init__(self, path: str, fd: int) -> None:
+        super().__init__(path, fd)
+        self._mutex = threading.Lock()  # guards the descriptor's file offset
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        with self._mutex:
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            return os.read(self._fd, size)
+
+    def _pwrite(self, offset: int, data: memoryview) -> int:
+        with self._mutex:
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            return os.write(self._fd, data)
+
+
 class _OsFileLock(FileLock):
-    def __init__(self, fd: int, key: tuple[int, int], owner: "OsFileSystem") -> None:
+    """An ``fcntl.flock`` lock: it belongs to the open file description and
+    goes when the last descriptor of it closes (or the process dies)."""
+
+    def __init__(self, fd: int, key: tuple[int, int], owner: OsFileSystem) -> None:
         self._fd = fd
         self._key = key
         self._owner = owner
@@ -299,11 +413,57 @@ class _OsFileLock(FileLock):
             os.close(fd)
 
 
+class _MsvcrtFileLock(_OsFileLock):
+    """A ``msvcrt.locking`` lock on ``LOCK_BYTES`` at offset 0.  The region
+    is unlocked before the descriptor closes: Windows frees the locks of a
+    closed handle only "when resources allow", and a reopen must not race
+    that."""
+
+    def __init__(self, fd: int, key: tuple[int, int], owner: OsFileSystem, msvcrt: Any) -> None:
+        super().__init__(fd, key, owner)
+        self._msvcrt = msvcrt
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                self._msvcrt.locking(self._fd, self._msvcrt.LK_UNLCK, LOCK_BYTES)
+            except OSError:
+                pass  # closing the handle below frees the region too, only later
+            super().release()
+
+
 class OsFileSystem(FileSystem):
-    """The real file system: raw descriptors, pread/pwrite, fsync."""
+    """The real file system: raw descriptors, pread/pwrite, fsync.
+
+    ``portable`` selects the fallbacks of "Portability" in the module
+    docstring: True uses all of them, False only those the platform needs,
+    None (the default) reads ``$KVSTORE_PORTABLE``.  ``calls`` says what
+    this instance uses.
+    """
 
     _locks_guard = threading.Lock()
     _held: set[tuple[int, int]] = set()  # (st_dev, st_ino) of lock files held by this process
+
+    def __init__(self, portable: bool | None = None) -> None:
+        self.portable = portable_from_environment() if portable is None else bool(portable)
+        # O_BINARY where it exists (Windows translates line ends otherwise),
+        # O_CLOEXEC where it exists (Windows descriptors are not inherited
+        # anyway, PEP 446)
+        self._flags = os.O_RDWR | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+        self._positioned_io = not self.portable and hasattr(os, "pread") and hasattr(os, "pwrite")
+        self._dir_fsync = not self.portable and CAN_FSYNC_DIRECTORIES
+        self._fcntl = _fcntl_module()
+        # msvcrt where there is no fcntl, or when portable and msvcrt exists
+        # (not looked for otherwise: a failed import costs ~0.1 ms an open)
+        self._msvcrt = _msvcrt_module() if self.portable or self._fcntl is None else None
+        self._file_class = _OsFile if self._positioned_io else _SeekingFile
+        #: What this instance uses for each facility of "Portability".
+        self.calls = {
+            "positioned_io": "pread/pwrite" if self._positioned_io else "lseek+read/write",
+            "lock": "msvcrt" if self._msvcrt is not None else "flock" if self._fcntl is not None else "none",
+            "dir_fsync": "fsync" if self._dir_fsync else "skipped",
+        }
 
     @classmethod
     def forget_locks_in_child(cls) -> None:
@@ -312,11 +472,11 @@ class OsFileSystem(FileSystem):
         cls._held = set()
 
     def _open(self, path: str, create: bool) -> File:
-        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        flags = self._flags
         if create:
             flags |= os.O_CREAT | os.O_EXCL
         fd = os.open(path, flags, 0o644)
-        return _OsFile(path, fd)
+        return self._file_class(path, fd)
 
     def _mkdir(self, path: str) -> None:
         os.mkdir(path, 0o755)
@@ -331,6 +491,8 @@ class OsFileSystem(FileSystem):
         os.rmdir(path)
 
     def _fsync_dir(self, path: str) -> None:
+        if not self._dir_fsync:
+            return  # the one place directory fsyncs are skipped (Windows, or portable)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)
@@ -347,24 +509,39 @@ class OsFileSystem(FileSystem):
         return os.listdir(path)
 
     def _lock(self, path: str) -> FileLock:
-        import fcntl
-
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, self._flags | os.O_CREAT, 0o644)
         try:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             with self._locks_guard:
-                if canary.second_open:  # the bug: per-process POSIX locks, no in-process set
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if canary.second_open and self._fcntl is not None:
+                    # the bug: per-process POSIX locks, no in-process set
+                    self._fcntl.lockf(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
                     return _OsFileLock(fd, key, self)
                 if key in self._held:
                     raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked by this process")
-                # flock locks belong to the open file description, so a second
+                # flock and msvcrt locks belong to the descriptor, so a second
                 # open in this same process conflicts too; the set above makes
                 # that explicit and independent of the platform's lock flavour.
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock = self._lock_descriptor(path, fd, key)
                 self._held.add(key)
         except BaseException:
             os.close(fd)
             raise
-        return _OsFileLock(fd, key, self)
+        return lock
+
+    def _lock_descriptor(self, path: str, fd: int, key: tuple[int, int]) -> FileLock:
+        """Lock the open lock file ``fd`` with the OS, or raise BlockingIOError."""
+        if self._msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)  # the region starts at the file offset
+            try:
+                self._msvcrt.locking(fd, self._msvcrt.LK_NBLCK, LOCK_BYTES)
+            except OSError as e:
+                if e.errno in _LOCKED_ERRNOS:
+                    raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked by another process") from e
+                raise
+            return _MsvcrtFileLock(fd, key, self, self._msvcrt)
+        if self._fcntl is not None:
+            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+            return _OsFileLock(fd, key, self)
+        raise OSError(errno.ENOSYS, f"cannot lock {path}: this platform has neither fcntl nor msvcrt")
