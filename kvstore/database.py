@@ -1065,6 +1065,8 @@ class Database:
             self._poisoned(e)
             return
         self._stats["purged_undo_pages"] += freed
+        if freed:
+            log.debug("kvstore: purge freed %d undo pages of %s", freed, self.path)
 
     def purge(self) -> None:
         """Purge now (it also runs by itself every 64 commits)."""

@@ -106,19 +106,44 @@ class LeafNode:
         self.size = 2 + sum(cell_size(k, c) for k, c in zip(self.keys, self.cells, strict=True))
 
     def encode(self) -> bytes:
-        return _U16.pack(len(self.keys)) + b"".join(encode_cell(k, c) for k, c in zip(self.keys, self.cells, strict=True))
+        # encode_cell inlined: this runs for every page a checkpoint writes
+        pack, ref_pack = _CELL.pack, _OVF_REF.pack
+        parts = [_U16.pack(len(self.keys))]
+        append = parts.append
+        for k, (flags, txid, undo, v) in zip(self.keys, self.cells, strict=True):
+            if v.__class__ is OverflowRef:
+                vb = ref_pack(*v)
+                flags |= FLAG_OVERFLOW
+            else:
+                vb = v  # type: ignore[assignment]  # not an OverflowRef, so bytes
+                flags &= ~FLAG_OVERFLOW
+            append(pack(len(k), flags, txid, undo, len(vb)))
+            append(k)
+            append(vb)
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, body: bytes, page_lsn: int = 0) -> LeafNode:
+        # decode_cell inlined: this runs for every page read from disk
         (n,) = _U16.unpack_from(body)
         pos = 2
         keys: list[bytes] = []
         cells: list[Cell] = []
+        add_key, add_cell = keys.append, cells.append
+        unpack = _CELL.unpack_from
         for _ in range(n):
-            k, c, pos = decode_cell(body, pos)
-            keys.append(k)
-            cells.append(c)
-        node = cls(keys, cells, page_lsn)
+            klen, flags, txid, undo, vlen = unpack(body, pos)
+            start = pos + CELL_OVERHEAD
+            end = start + klen
+            add_key(body[start:end])
+            pos = end + vlen
+            if flags & FLAG_OVERFLOW:
+                add_cell((flags & ~FLAG_OVERFLOW, txid, undo, OverflowRef(*_OVF_REF.unpack(body[end:pos]))))
+            else:
+                add_cell((flags, txid, undo, body[end:pos]))
+        node = cls.__new__(cls)
+        node.keys, node.cells, node.page_lsn = keys, cells, page_lsn
+        node.size = pos  # the encoding's length: 2 + the cells' sizes, as __init__ counts them
         return node
 
     def put(self, key: bytes, cell: Cell) -> None:

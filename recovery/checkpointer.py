@@ -128,18 +128,23 @@ class Checkpointer:
             pending = pool.dirty_lids()
         wal.flush()
         written = 0
-        while pending:
+        shared = latch is self._latch  # not restart's, whose caller holds the latch throughout
+        at = 0
+        while at < len(pending):
             with latch:
-                batch, pending = pending[:BATCH], pending[BATCH:]
+                batch = pending[at : at + BATCH]
+                at += BATCH
                 n, later = pool.write_some(batch, wal.durable_lsn)
-            # Hand the latch over: Python's locks are not fair, and without a
-            # pause this thread takes the latch back before a waiting committer
-            # is even scheduled -- commits then starve for the whole loop.
-            time.sleep(0)
+            if shared:
+                # Hand the latch over: Python's locks are not fair, and without a
+                # pause this thread takes the latch back before a waiting committer
+                # is even scheduled -- commits then starve for the whole loop.
+                time.sleep(0)
             written += n
             if later:
                 wal.flush()
-                pending = later + pending
+                pending = later + pending[at:]
+                at = 0
         failpoint("recovery.checkpoint_before_flip")
         with latch:
             state = pagefile.begin_flip()

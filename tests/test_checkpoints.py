@@ -469,3 +469,25 @@ def test_a_clean_reopen_reports_no_recovery(caplog):
     db.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "kvstore" and "recover" in r.getMessage()]
     assert st["recovery_records_scanned"] == 0 and not lines, (st["recovery_records_scanned"], lines)
+
+
+def test_checkpoints_purge_and_poisoning_are_logged_to_the_kvstore_logger(caplog):
+    """Issue 9's logging: a checkpoint and a purge that freed pages at DEBUG,
+    the store turning read-only at ERROR, all on the ``kvstore`` logger and
+    naming the database; nothing is printed."""
+    fs = FaultFS(seed=4)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="kvstore"):
+        db = kvstore.open(DB, _fs=fs, sync="full", checkpoint_wal_bytes=1 << 40, checkpoint_interval=3600)
+        for i in range(300):
+            db.put(b"k%03d" % (i % 20), b"v" * 300)  # rewrites: undo pages to purge
+        db.checkpoint()
+        db.purge()
+        fs.fail("fsync", errno_=errno.EIO, path_contains="wal")
+        with pytest.raises(PoisonedError):
+            db.put(b"x", b"1")
+        db.close()
+    ours = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "kvstore"]
+    assert any(level == logging.DEBUG and "checkpoint at LSN" in m for level, m in ours), ours
+    assert any(level == logging.DEBUG and "purge freed" in m and DB in m for level, m in ours), ours
+    assert any(level == logging.ERROR and "read-only until reopened" in m and DB in m for level, m in ours), ours
