@@ -395,6 +395,8 @@ class Database:
                 # No checkpoint when it would change nothing, or when damage was
                 # seen: reading a damaged store must leave it as it was.
                 if self._poison is None and not self._damaged and not self._clean_since_open():
+                    assert self._wal is not None
+                    self._wal.start_segment()  # the checkpoint then removes every older segment
                     self._checkpointer.checkpoint(latch_held=True)
             finally:
                 self._closed = True

@@ -471,6 +471,26 @@ def test_a_clean_reopen_reports_no_recovery(caplog):
     assert st["recovery_records_scanned"] == 0 and not lines, (st["recovery_records_scanned"], lines)
 
 
+def test_a_clean_close_leaves_one_small_log_segment_for_the_next_open():
+    """Close starts a new segment for its checkpoint, which then removes all
+    the older ones: the next open validates a log of a few hundred bytes,
+    not the megabytes the last segment had grown to (issue 8's reopen of
+    100,000 keys: 141 ms before, 6 ms after)."""
+    fs = FaultFS(seed=5)
+    db = kvstore.open(DB, _fs=fs, checkpoint_wal_bytes=1 << 22, checkpoint_interval=3600)  # 1 MiB segments
+    with db.transaction() as tx:
+        for i in range(3000):
+            tx.put(b"k%05d" % i, b"v" * 100)
+    assert db._wal.end_lsn - db._wal.segments()[-1].first_lsn > 100_000, "setup: the open segment holds the load"
+    db.close()
+    segments = [n for n in fs.listdir(DB) if n.startswith("wal-")]
+    assert len(segments) == 1, segments
+    assert len(fs.visible_bytes(f"{DB}/{segments[0]}")) < 1000
+    with kvstore.open(DB, _fs=fs) as db:
+        assert db.stats()["recovery_records_scanned"] == 0
+        assert db.get(b"k02999") == b"v" * 100
+
+
 def test_checkpoints_purge_and_poisoning_are_logged_to_the_kvstore_logger(caplog):
     """Issue 9's logging: a checkpoint and a purge that freed pages at DEBUG,
     the store turning read-only at ERROR, all on the ``kvstore`` logger and

@@ -195,6 +195,20 @@ class LogWriter:
             self.flush(lsn, sync=False)
         return lsn
 
+    def start_segment(self) -> None:
+        """Make the next record start a new segment (if the current one holds
+        any), so that a checkpoint beginning there can remove every segment
+        before it: a clean close leaves a log of one small segment, which
+        the next open reads at once."""
+        with self._cond:
+            if self._poison is not None:
+                raise self._poison
+            if self._closed:
+                raise ClosedError("the log is closed")
+            if self._next_lsn > self._roll_base:
+                self._pending.append(self._next_lsn)  # the leader rolls here
+                self._roll_base = self._next_lsn
+
     def flush(self, lsn: int | None = None, *, sync: bool = True) -> None:
         """Return once the record at ``lsn`` (default: everything appended)
         and all before it are durable (``sync``) or at least written to the OS.
