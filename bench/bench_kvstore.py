@@ -1,163 +1,79 @@
-"""Transactions per second through the whole store, against sqlite3 in the same run.
+"""pytest-benchmark suites for kvstore's hot paths, with sqlite3 paired round by round.
 
-Run with ``.venv/bin/python -m pytest bench/bench_kvstore.py --benchmark-enable -q``
-(``--benchmark-only`` works too; without either, each benchmark runs once as a
-smoke test and nothing is measured).  About a minute on a quiet machine.
+Run (the project's addopts disable benchmarks; ``--benchmark-only`` enables them)::
 
-Workloads (100-byte random values, keys ``k00000000``.. drawn at random from
-10,000, a fresh database directory on a real disk for each benchmark):
+    .venv/bin/python -m pytest bench/bench_kvstore.py --benchmark-only          # about 2 minutes
+    KVSTORE_BENCH_KEYS=1000000 .venv/bin/python -m pytest bench/bench_kvstore.py --benchmark-only
 
-(a) ``put_commit[off|normal|full]``: one thread, ``begin(); put(k, v);
-    commit()`` in a loop, under ``sync="off"``, ``"normal"``, ``"full"``.
-(b) ``durable_commits_8threads``: 8 threads doing (a) under ``sync="full"``
-    for a fixed time, each on keys of its own (no conflicts); group commit should give more commits per second than
-    one thread gets.  Reports each thread's commit count and the slowest
-    thread's share of the total (1/8 = 0.125 is perfectly fair).
-(c) ``point_reads``: ``begin(readonly=True); get(k); commit()`` over 10,000
-    keys loaded beforehand.
+A plain ``pytest`` run never collects ``bench/`` (``testpaths``); ``pytest
+bench/bench_kvstore.py`` without ``--benchmark-only`` runs each benchmark
+once as a smoke test and measures nothing.
 
-sqlite3 (the standard library's) does the same workloads on a table
-``kv(k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID`` in WAL mode, with
-``synchronous`` = OFF, NORMAL or FULL to match the sync mode (FULL for (b),
-NORMAL for (c)), one connection per thread, ``BEGIN IMMEDIATE`` / ``INSERT
-OR REPLACE`` / ``COMMIT`` for a write and ``BEGIN`` / ``SELECT`` /
-``COMMIT`` for a read.
+The stores are ``kvstore.benchmark``'s (the same code ``kvstore bench``
+measures): a store of ``KVSTORE_BENCH_KEYS`` keys (default 100,000; 16-byte
+random keys, 100-byte values) for kvstore and for sqlite3 (WAL,
+``synchronous`` FULL, NORMAL or OFF to match ``sync``), loaded once per
+module on a real disk (``bench/conftest.py``) and warmed (read once).
 
-Method: each benchmark is ``benchmark.pedantic`` over kvstore rounds of fixed
-work (fixed time for (b)); the sqlite3 round of the same work runs in the
-round's ``setup``, so the two alternate round by round under the same
-conditions and sqlite3's time is not counted in kvstore's.  Rates are the
-work of a round over the median round time.  ``extra_info`` holds
-``kvstore_ops_per_s``, ``sqlite3_ops_per_s`` and ``ratio`` (kvstore /
-sqlite3), plus per-thread counts for (b); a table of them is printed at the
-end of the module.
+================================  =====================================================
+benchmark                         one round
+================================  =====================================================
+``test_get``                      10,000 random loaded keys, 100 per read transaction
+``test_put``                      10,000 new random keys in one transaction, committed
+``test_commit[off|normal|full]``  one-put transactions (updates of random loaded keys):
+                                  2,000 (off, normal) or 150 (full)
+``test_commit_8_threads``         8 threads of one-put durable transactions for 1 s;
+                                  per-thread counts in ``extra_info``
+``test_scan``                     100 scans of 1,000 keys from random loaded keys
+``test_checkpoint``               ``db.checkpoint()`` after 5,000 random updates
+                                  (setup, not timed): pages written per second
+``test_restart``                  ``kvstore.open`` after a clean close, then one get
+================================  =====================================================
+
+Pairing: each kvstore round's ``setup`` runs sqlite3's round of the same work
+(timed apart), so the two alternate under the same conditions; the ratio
+reported is kvstore's median round over sqlite3's.  ``extra_info`` holds
+``kvstore_ops_per_s``, ``sqlite3_ops_per_s``, ``ratio`` (kvstore / sqlite3).
+A table is printed at the end of the module.  Restart after a crash, by WAL
+size, is ``bench_restart.py``; the interleaved comparison with every peer is
+``kvstore bench``.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import sqlite3
 import statistics
-import threading
 import time
+from typing import Any
 
 import pytest
 
-import kvstore
+from kvstore import benchmark as kb
 
+KEYS = int(os.environ.get("KVSTORE_BENCH_KEYS", "100000"))
 ROUNDS = 5
-KEYSPACE = 10_000
-VALUE = random.Random(7).randbytes(100)
-WORK = {"off": 2000, "normal": 2000, "full": 150}  # single-thread commits per round
-THREADS = 8
-THREAD_SECONDS = 1.5  # length of one 8-thread round
-READS = 5000  # point reads per round
+COMMITS = {"off": 2000, "normal": 2000, "full": 150}
 
 #: workload -> row of the summary table
-SUMMARY: dict[str, dict] = {}
-
-
-def keys(seed: int, n: int) -> list[bytes]:
-    rng = random.Random(seed)
-    return [b"k%08d" % rng.randrange(KEYSPACE) for _ in range(n)]
-
-
-class KvEngine:
-    name = "kvstore"
-
-    def __init__(self, path: str, sync: str) -> None:
-        self.db = kvstore.open(path, sync=sync)
-
-    def put_commit(self, key: bytes) -> None:
-        tx = self.db.begin()
-        tx.put(key, VALUE)
-        tx.commit()
-
-    def read(self, key: bytes) -> bytes | None:
-        tx = self.db.begin(readonly=True)
-        v = tx.get(key)
-        tx.commit()
-        return v
-
-    def load(self, n: int) -> None:
-        with self.db.transaction() as tx:
-            for i in range(n):
-                tx.put(b"k%08d" % i, VALUE)
-
-    def close(self) -> None:
-        self.db.close()
-
-
-class SqliteEngine:
-    name = "sqlite3"
-
-    def __init__(self, path: str, sync: str) -> None:
-        os.makedirs(path, exist_ok=True)
-        self.file = os.path.join(path, "bench.sqlite")
-        self.sync = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}[sync]
-        self.local = threading.local()
-        self.conns: list[sqlite3.Connection] = []
-        self.lock = threading.Lock()
-        c = self.conn()
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute("CREATE TABLE IF NOT EXISTS kv(k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID")
-
-    def conn(self) -> sqlite3.Connection:
-        c = getattr(self.local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.file, isolation_level=None, check_same_thread=False, timeout=60)
-            c.execute(f"PRAGMA synchronous={self.sync}")
-            self.local.conn = c
-            with self.lock:
-                self.conns.append(c)
-        return c
-
-    def put_commit(self, key: bytes) -> None:
-        c = self.conn()
-        c.execute("BEGIN IMMEDIATE")
-        c.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, VALUE))
-        c.execute("COMMIT")
-
-    def read(self, key: bytes) -> bytes | None:
-        c = self.conn()
-        c.execute("BEGIN")
-        row = c.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
-        c.execute("COMMIT")
-        return row[0] if row else None
-
-    def load(self, n: int) -> None:
-        c = self.conn()
-        c.execute("BEGIN")
-        c.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)", ((b"k%08d" % i, VALUE) for i in range(n)))
-        c.execute("COMMIT")
-
-    def close(self) -> None:
-        for c in self.conns:
-            c.close()
+SUMMARY: dict[str, dict[str, Any]] = {}
 
 
 class _SummaryPlugin:
-    """Prints the kvstore vs sqlite3 table at the end of the session (a
-    plugin registered by this module, since bench/conftest.py is shared)."""
+    """Prints the kvstore vs sqlite3 table at the end of the session."""
 
-    def pytest_terminal_summary(self, terminalreporter):
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not SUMMARY:
             return
         tr = terminalreporter
-        tr.section(f"kvstore vs sqlite3 {sqlite3.sqlite_version} (median rounds; ratio = kvstore / sqlite3)")
-        fsync = next((r["raw_fsync_per_s"] for r in SUMMARY.values() if "raw_fsync_per_s" in r), None)
-        if fsync:
-            tr.write_line(f"the disk: {fsync:,.0f} fsync/s (bench/conftest.py's session probe)")
-        tr.write_line(f"{'workload':34s} {'kvstore/s':>11s} {'sqlite3/s':>11s} {'ratio':>7s}")
+        tr.section(f"kvstore vs sqlite3 {kb.SqliteStore.version}, {KEYS:,} keys (median rounds; ratio = kvstore / sqlite3)")
+        tr.write_line(f"{'benchmark':28s} {'unit':10s} {'kvstore':>12s} {'sqlite3':>12s} {'ratio':>7s}")
         for name, row in SUMMARY.items():
-            line = f"{name:34s} {row['kvstore_ops_per_s']:>11,.0f} {row['sqlite3_ops_per_s']:>11,.0f} {row['ratio']:>7.2f}"
-            if "kvstore_slowest_thread_share" in row:
-                line += (
-                    f"   slowest thread's share: kvstore {row['kvstore_slowest_thread_share']:.3f}"
-                    f" {row['kvstore_per_thread']}, sqlite3 {row['sqlite3_slowest_thread_share']:.3f}"
-                    f" {row['sqlite3_per_thread']}"
-                )
+            sq = row.get("sqlite3_ops_per_s")
+            line = f"{name:28s} {row['unit']:10s} {row['kvstore_ops_per_s']:>12,.0f} "
+            line += f"{sq:>12,.0f} {row['ratio']:>7.2f}" if sq else f"{'-':>12s} {'-':>7s}"
+            if "kvstore_per_thread" in row:
+                line += f"   per thread: kvstore {row['kvstore_per_thread']}, sqlite3 {row['sqlite3_per_thread']}"
             tr.write_line(line)
 
 
@@ -165,166 +81,196 @@ _PLUGIN = _SummaryPlugin()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def summary_table(request):
+def _summary_table(request: Any) -> None:
     pm = request.config.pluginmanager
     if not pm.is_registered(_PLUGIN):
         pm.register(_PLUGIN, "bench_kvstore_summary")
 
 
-def record(benchmark, name: str, kv_rate: float, sq_rate: float, **extra) -> None:
+@pytest.fixture(scope="module")
+def bench(disk_root: str) -> Any:
+    """Both stores loaded with KEYS keys (kvstore.benchmark.Bench)."""
+    b = kb.Bench(kb.Config(keys=KEYS, root=disk_root), [kb.KvstoreStore, kb.SqliteStore])
+    try:
+        for cls in b.stores:
+            b.load(cls)
+        yield b
+    finally:
+        b.close()
+
+
+def record(benchmark: Any, name: str, unit: str, work: int, sq_times: list[float] | None, **extra: Any) -> None:
     if benchmark.disabled:
         return
-    info = {"kvstore_ops_per_s": kv_rate, "sqlite3_ops_per_s": sq_rate, "ratio": kv_rate / sq_rate, **extra}
+    kv_rate = work / benchmark.stats.stats.median
+    info: dict[str, Any] = {"unit": unit, "kvstore_ops_per_s": kv_rate, "work_per_round": work, **extra}
+    if sq_times:
+        sq_rate = work / statistics.median(sq_times)
+        info.update(sqlite3_ops_per_s=sq_rate, ratio=kv_rate / sq_rate)
     benchmark.extra_info.update(info)
     SUMMARY[name] = info
 
 
-# --- (a) single-key transactions ------------------------------------------------------------
+def paired(benchmark: Any, kv_round: Any, sq_round: Any, rounds: int = ROUNDS) -> list[float]:
+    """Run kvstore rounds under the benchmark with sqlite3's round as each
+    round's setup; return sqlite3's round times (the warm-up's left out)."""
+    sq_times: list[float] = []
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        t0 = time.perf_counter()
+        sq_round()
+        sq_times.append(time.perf_counter() - t0)
+        return (), {}
+
+    benchmark.pedantic(kv_round, setup=setup, rounds=rounds, warmup_rounds=1)
+    return sq_times[1:]
+
+
+# --- get, put, commit, scan ----------------------------------------------------------------------
+
+
+def test_get(benchmark: Any, bench: Any) -> None:
+    rng = random.Random(1)
+    kv, sq = bench.main(kb.KvstoreStore, "full"), bench.main(kb.SqliteStore, "full")
+    n = 10_000
+
+    def gets(store: kb.Store) -> None:
+        keys = [bench.keys[rng.randrange(KEYS)] for _ in range(n)]
+        for i in range(0, n, kb.GET_BATCH):
+            assert store.get_many(keys[i : i + kb.GET_BATCH]) == kb.GET_BATCH
+
+    sq_times = paired(benchmark, lambda: gets(kv), lambda: gets(sq))
+    record(benchmark, "get", "gets/s", n, sq_times)
+
+
+def test_put(benchmark: Any, bench: Any) -> None:
+    rng = random.Random(2)
+    kv, sq = bench.main(kb.KvstoreStore, "full"), bench.main(kb.SqliteStore, "full")
+    n = 10_000
+
+    def puts(store: kb.Store) -> None:
+        w = store.writer()
+        w.put_many([(rng.randbytes(16), bench.values[i % 256]) for i in range(n)])
+        w.commit()
+
+    sq_times = paired(benchmark, lambda: puts(kv), lambda: puts(sq))
+    record(benchmark, "put (10k in one tx)", "puts/s", n, sq_times)
 
 
 @pytest.mark.parametrize("sync", ["off", "normal", "full"])
-def test_put_commit(benchmark, disk_dir, raw_fsync_rate, sync):
-    n = WORK[sync]
-    kv = KvEngine(os.path.join(disk_dir, "kv"), sync)
-    sq = SqliteEngine(os.path.join(disk_dir, "sq"), sync)
-    sq_times: list[float] = []
-    rounds = {"i": 0}
+def test_commit(benchmark: Any, bench: Any, sync: str) -> None:
+    rng = random.Random(3)
+    kv, sq = bench.main(kb.KvstoreStore, sync), bench.main(kb.SqliteStore, sync)
+    n = COMMITS[sync]
 
-    def sqlite_round():  # the setup of each kvstore round
-        ks = keys(rounds["i"], n)
-        t0 = time.perf_counter()
-        for k in ks:
-            sq.put_commit(k)
-        sq_times.append(time.perf_counter() - t0)
-        rounds["i"] += 1
-        return (keys(1000 + rounds["i"], n),), {}
+    def commits(store: kb.Store) -> None:
+        for _ in range(n):
+            store.commit_one(bench.keys[rng.randrange(KEYS)], bench.values[rng.randrange(256)])
 
-    def kv_round(ks):
-        for k in ks:
-            kv.put_commit(k)
-
-    try:
-        benchmark.pedantic(kv_round, setup=sqlite_round, rounds=ROUNDS, warmup_rounds=1)
-        assert kv.db.stats()["commits"] >= n
-        if not benchmark.disabled:
-            record(
-                benchmark,
-                f"put_commit[{sync}]",
-                n / benchmark.stats.stats.median,
-                n / statistics.median(sq_times),
-                work_per_round=n,
-                raw_fsync_per_s=raw_fsync_rate,
-            )
-    finally:
-        kv.close()
-        sq.close()
+    sq_times = paired(benchmark, lambda: commits(kv), lambda: commits(sq))
+    record(benchmark, f"commit[{sync}]", "commits/s", n, sq_times)
 
 
-# --- (b) durable commits from 8 threads --------------------------------------------------------
+def test_commit_8_threads(benchmark: Any, bench: Any) -> None:
+    counts: dict[str, list[list[int]]] = {"kvstore": [], "sqlite3": []}
+    seconds = 1.0
 
-
-def threaded_round(engine, seconds: float) -> list[int]:
-    """THREADS threads doing put + commit until ``seconds`` pass; returns
-    each thread's number of commits."""
-    counts = [0] * THREADS
-    stop = threading.Event()
-    start = threading.Barrier(THREADS + 1)
-    errors: list[BaseException] = []
-
-    def work(me: int) -> None:
-        ks = [b"t%d-%s" % (me, k) for k in keys(10_000 + me, 4096)]  # disjoint: no conflicts
+    def crew_round(cls: type[kb.Store]) -> None:
+        job = kb._threaded_commits(bench, cls, random.Random(4))
+        next(job)
         try:
-            start.wait()
-            i = 0
-            while not stop.is_set():
-                engine.put_commit(ks[i % len(ks)])
-                counts[me] += 1
-                i += 1
-        except BaseException as e:
-            errors.append(e)
+            step = job.send(None)
+        finally:
+            job.close()
+        assert isinstance(step, kb.Step) and step.per_thread is not None
+        counts[cls.name].append(step.per_thread)
 
-    threads = [threading.Thread(target=work, args=(me,)) for me in range(THREADS)]
-    for t in threads:
-        t.start()
-    start.wait()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors[0]
-    return counts
-
-
-def test_durable_commits_8threads(benchmark, disk_dir, raw_fsync_rate):
-    kv = KvEngine(os.path.join(disk_dir, "kv"), "full")
-    sq = SqliteEngine(os.path.join(disk_dir, "sq"), "full")
-    kv_counts: list[list[int]] = []
-    sq_counts: list[list[int]] = []
-    kv_seconds: list[float] = []
-
-    def sqlite_round():
-        sq_counts.append(threaded_round(sq, THREAD_SECONDS))
-
-    def kv_round():
-        t0 = time.perf_counter()
-        kv_counts.append(threaded_round(kv, THREAD_SECONDS))
-        kv_seconds.append(time.perf_counter() - t0)
-
-    try:
-        benchmark.pedantic(kv_round, setup=sqlite_round, rounds=3, warmup_rounds=1)
-        if benchmark.disabled:
-            return
-        # rates from the timed rounds (the first of each list is the warm-up)
-        kv_rates = [sum(c) / THREAD_SECONDS for c in kv_counts[1:]]
-        sq_rates = [sum(c) / THREAD_SECONDS for c in sq_counts[1:]]
-        mid_kv = kv_counts[1:][kv_rates.index(statistics.median_low(kv_rates))]
-        mid_sq = sq_counts[1:][sq_rates.index(statistics.median_low(sq_rates))]
-        record(
-            benchmark,
-            "durable_commits_8threads[full]",
-            statistics.median(kv_rates),
-            statistics.median(sq_rates),
-            kvstore_per_thread=mid_kv,
-            sqlite3_per_thread=mid_sq,
-            kvstore_slowest_thread_share=min(mid_kv) / sum(mid_kv),
-            sqlite3_slowest_thread_share=min(mid_sq) / sum(mid_sq),
-            seconds_per_round=THREAD_SECONDS,
-            raw_fsync_per_s=raw_fsync_rate,
-        )
-    finally:
-        kv.close()
-        sq.close()
+    bench.cfg = kb.replace(bench.cfg, slice_s=seconds / 2.5)  # the crew's slice is 2.5 slices
+    sq_times = paired(benchmark, lambda: crew_round(kb.KvstoreStore), lambda: crew_round(kb.SqliteStore), rounds=3)
+    if benchmark.disabled:
+        return
+    kv_rates = [sum(c) / seconds for c in counts["kvstore"][1:]]
+    sq_rates = [sum(c) / seconds for c in counts["sqlite3"][1:]]
+    info = {
+        "unit": "commits/s",
+        "kvstore_ops_per_s": statistics.median(kv_rates),
+        "sqlite3_ops_per_s": statistics.median(sq_rates),
+        "ratio": statistics.median(kv_rates) / statistics.median(sq_rates),
+        "kvstore_per_thread": [sum(c) for c in zip(*counts["kvstore"][1:], strict=True)],
+        "sqlite3_per_thread": [sum(c) for c in zip(*counts["sqlite3"][1:], strict=True)],
+        "round_seconds": seconds,
+        "sqlite3_round_seconds": sq_times,
+    }
+    benchmark.extra_info.update(info)
+    SUMMARY["commit 8 threads[full]"] = info
 
 
-# --- (c) point reads ----------------------------------------------------------------------------
+def test_scan(benchmark: Any, bench: Any) -> None:
+    rng = random.Random(5)
+    kv, sq = bench.main(kb.KvstoreStore, "full"), bench.main(kb.SqliteStore, "full")
+    starts = bench.sorted_keys[: KEYS - kb.SCAN_LENGTH]
+    scans = 100
+
+    def scan(store: kb.Store) -> None:
+        for _ in range(scans):
+            it = store.scan(starts[rng.randrange(len(starts))], kb.SCAN_LENGTH)
+            assert it is not None
+            count = 0
+            for _ in it:
+                count += 1
+            assert count == kb.SCAN_LENGTH
+
+    sq_times = paired(benchmark, lambda: scan(kv), lambda: scan(sq))
+    record(benchmark, "scan 1,000", "keys/s", scans * kb.SCAN_LENGTH, sq_times)
 
 
-def test_point_reads(benchmark, disk_dir):
-    kv = KvEngine(os.path.join(disk_dir, "kv"), "normal")
-    sq = SqliteEngine(os.path.join(disk_dir, "sq"), "normal")
-    kv.load(KEYSPACE)
-    sq.load(KEYSPACE)
+# --- checkpoint, restart -------------------------------------------------------------------------
+
+
+def test_checkpoint(benchmark: Any, bench: Any) -> None:
+    rng = random.Random(6)
+    kv = bench.main(kb.KvstoreStore, "off")
+    written: list[int] = []
+
+    def dirty() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        for _ in range(50):
+            w = kv.writer()
+            w.put_many([(bench.keys[rng.randrange(KEYS)], bench.values[rng.randrange(256)]) for _ in range(100)])
+            w.commit()
+        return (), {}
+
+    def checkpoint() -> None:
+        written.append(kv.db.checkpoint()["pages_written"])
+
+    benchmark.pedantic(checkpoint, setup=dirty, rounds=ROUNDS, warmup_rounds=1)
+    pages = statistics.median(written[1:]) if len(written) > 1 else written[0]
+    record(benchmark, "checkpoint (5k updates)", "pages/s", int(pages), None, pages_written=written)
+
+
+def test_restart(benchmark: Any, bench: Any) -> None:
+    rng = random.Random(7)
+    kv, sq = bench.main(kb.KvstoreStore, "full"), bench.main(kb.SqliteStore, "full")
     sq_times: list[float] = []
-    rounds = {"i": 0}
 
-    def sqlite_round():
-        ks = keys(500 + rounds["i"], READS)
-        t0 = time.perf_counter()
-        for k in ks:
-            assert sq.read(k) is not None
-        sq_times.append(time.perf_counter() - t0)
-        rounds["i"] += 1
-        return (keys(900 + rounds["i"], READS),), {}
+    def reopen(store: kb.Store) -> None:
+        assert store.get_many([bench.keys[rng.randrange(KEYS)]]) == 1
 
-    def kv_round(ks):
-        for k in ks:
-            if kv.read(k) is None:
-                raise AssertionError(k)
-
-    try:
-        benchmark.pedantic(kv_round, setup=sqlite_round, rounds=ROUNDS, warmup_rounds=1)
-        if not benchmark.disabled:
-            record(benchmark, "point_reads", READS / benchmark.stats.stats.median, READS / statistics.median(sq_times), work_per_round=READS)
-    finally:
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
         kv.close()
         sq.close()
+        t0 = time.perf_counter()
+        sq.open()
+        reopen(sq)
+        sq_times.append(time.perf_counter() - t0)
+        return (), {}
+
+    def kv_open() -> None:
+        kv.open()
+        reopen(kv)
+
+    try:
+        benchmark.pedantic(kv_open, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+    finally:
+        bench.cooled(kb.KvstoreStore)
+        bench.cooled(kb.SqliteStore)
+    record(benchmark, "reopen (clean close)", "opens/s", 1, sq_times[1:])

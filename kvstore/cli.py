@@ -220,7 +220,7 @@ def cmd_torture(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     from kvstore import benchmark
 
-    return benchmark.run(quick=args.quick, json_output=args.json, out=out)
+    return benchmark.run(quick=args.quick, json_output=args.json, out=out, keys=args.keys, repetitions=args.repetitions)
 
 
 # --- the parser -------------------------------------------------------------------
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", "measure kvstore against sqlite3 on named workloads", "kvstore bench --quick", cmd_bench)
     p.add_argument("--quick", action="store_true", help="a short run (about 2 minutes)")
     p.add_argument("--json", action="store_true", help="results as JSON")
+    p.add_argument("--keys", type=_int_at_least(1000), help="keys in the loaded store (default 100,000)")
+    p.add_argument("--repetitions", type=_int_at_least(1), help="repetitions (default 13; 7 with --quick)")
     return parser
 
 

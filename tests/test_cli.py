@@ -10,9 +10,9 @@ subprocess (SPEC: "Command line"; kvstore/cli.py's exit statuses).
   backup, checkpoint, --help with an example, --version, bench --quick --json.
   ``torture`` is tested elsewhere; only its argument checks are here.
 
-``kvstore bench --quick --json`` takes 15-25 s, mostly waiting for fsync, so
-it starts in the background with this module and is collected by the last
-test; set KVSTORE_SKIP_BENCH=1 to leave it out.
+``kvstore bench --quick --json --keys 2000 --repetitions 1`` takes about 20
+s, so it starts in the background with this module and is collected by the
+last test; set KVSTORE_SKIP_BENCH=1 to leave it out.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def _bench_in_background(request, tmp_path_factory):
         _bench["stderr"] = open(d / "stderr.txt", "w+")
         _bench["started"] = time.monotonic()
         _bench["proc"] = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "bench", "--quick", "--json"],
+            [sys.executable, "-m", "kvstore", "bench", "--quick", "--json", "--keys", "2000", "--repetitions", "1"],
             stdout=subprocess.PIPE, stderr=_bench["stderr"], text=True, cwd=d, env=ENV,
         )
     yield
@@ -657,6 +657,8 @@ WRONG_USAGE = [
     ["torture", "DB", "--crash-every", "0"],
     ["stat", "DB", "extra"],
     ["bench", "--quick", "extra"],
+    ["bench", "--repetitions", "0"],
+    ["bench", "--keys", "10"],
 ]
 
 
