@@ -150,6 +150,11 @@ class Checkpointer:
             state = pagefile.begin_flip()
             app = store.app_area(self._extra_fn())
         try:
+            # The page table and roots just taken may reflect records appended
+            # since the log was last flushed (a purge or a merge freeing pages):
+            # the meta that makes them durable must follow those records (P1
+            # for the page table).
+            wal.flush()
             pagefile.flip_io(state, begin, app)
         except BaseException:
             with latch:

@@ -511,3 +511,56 @@ def test_checkpoints_purge_and_poisoning_are_logged_to_the_kvstore_logger(caplog
     assert any(level == logging.DEBUG and "checkpoint at LSN" in m for level, m in ours), ours
     assert any(level == logging.DEBUG and "purge freed" in m and DB in m for level, m in ours), ours
     assert any(level == logging.ERROR and "read-only until reopened" in m and DB in m for level, m in ours), ours
+
+
+def test_checkpoint_meta_waits_for_the_log_it_reflects():
+    """The page table a checkpoint's meta names is the one of the moment its
+    flip begins, and may reflect log records appended after the checkpoint
+    last flushed the log -- here a purge that freed undo pages.  If the meta
+    were durable before that record, a crash (SIGKILL: the record never left
+    the process) would leave the rollback segment's header, as the
+    checkpoint wrote it, pointing at pages the page table calls free (found
+    by the long-tier torture: "page N: referenced, but the page has no
+    written image").  So the checkpoint flushes the log before the meta."""
+    from wal.failpoints import arm, disarm_all
+
+    fs = FaultFS(seed=8)
+    db = kvstore.open(DB, _fs=fs, sync="full", checkpoint_wal_bytes=1 << 40, checkpoint_interval=3600)
+    model = {}
+    reader = db.begin()  # holds the purge back meanwhile
+    reader.get(b"k00")
+    for i in range(400):  # rewrites: undo pages for purge to free
+        k, v = b"k%02d" % (i % 20), b"%d" % i * 40
+        db.put(k, v)
+        model[k] = v
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        paused.set()
+        resume.wait(10)
+
+    arm("recovery.checkpoint_before_flip", pause)
+    errors: list[BaseException] = []
+
+    def checkpoint() -> None:
+        try:
+            db.checkpoint()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ckpt = threading.Thread(target=checkpoint)
+    try:
+        ckpt.start()
+        assert paused.wait(10), "the checkpoint never reached its flip"
+        before = db.stats()["purged_undo_pages"]
+        reader.commit()
+        db.purge()  # frees undo pages in a log record nobody flushes
+        assert db.stats()["purged_undo_pages"] > before, "setup: purge freed nothing"
+        resume.set()
+        ckpt.join(10)
+    finally:
+        resume.set()
+        disarm_all()
+    assert not errors, errors
+    crashed = fs.crash(KeepAll())  # a process crash: what the OS got survives, the log's queue does not
+    assert read_all(crashed) == model  # opens, recovers, structures whole
