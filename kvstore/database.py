@@ -46,7 +46,7 @@ from kvstore.transaction import (
 from pages.fs import FileSystem, OsFileSystem
 from pages.node import FLAG_DELETED, Cell, OverflowRef, PageOp, Value, pack_ops
 from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
-from pages.rollback_segment import UNDONE, RollbackSegment, UndoRecord, encode_undo
+from pages.rollback_segment import UNDONE, WAS_DELETED, WROTE_VALUE, RollbackSegment, UndoRecord, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
 from wal import canary, fsync_failure
@@ -802,11 +802,12 @@ class Database:
         record.  Caller holds the latch and has run ``_write_precheck``."""
         store = self._store
         assert store is not None
+        wrote = 0 if flags & FLAG_DELETED else WROTE_VALUE
         if cell is None:
-            rec = encode_undo(tx.txid, tx.last_undo, 0, 0, 0, key, None)
+            rec = encode_undo(tx.txid, tx.last_undo, 0, 0, wrote, key, None)
         else:
-            was_deleted = 0x02 if cell[0] & FLAG_DELETED else 0
-            rec = encode_undo(tx.txid, tx.last_undo, cell[1], cell[2], was_deleted, key, cell[3])
+            was_deleted = WAS_DELETED if cell[0] & FLAG_DELETED else 0
+            rec = encode_undo(tx.txid, tx.last_undo, cell[1], cell[2], was_deleted | wrote, key, cell[3])
         ops: list[PageOp] = []
         try:
             ptr = store.undo.plan_append(rec, ops)
@@ -1049,10 +1050,11 @@ class Database:
             for r in records:
                 if r.flags & UNDONE:
                     continue  # undone by a rollback, or already purged before a crash
-                cell = store.tree.get(r.key)
-                if cell is not None and cell[1] == r.txid and cell[0] & FLAG_DELETED:
-                    store.tree.delete(r.key, free_old=True)  # idempotent: checks the version first
-                    self._stats["purged_keys"] += 1
+                if not r.flags & WROTE_VALUE:  # it may have left a delete mark
+                    cell = store.tree.get(r.key)
+                    if cell is not None and cell[1] == r.txid and cell[0] & FLAG_DELETED:
+                        store.tree.delete(r.key, free_old=True)  # idempotent: checks the version first
+                        self._stats["purged_keys"] += 1
                 if r.value.__class__ is OverflowRef:
                     # Free the old value and mark the record in one log record,
                     # so a crash before the page is freed never frees it twice.

@@ -92,10 +92,26 @@ class BTree:
 
     def get(self, key: bytes) -> Cell | None:
         """The cell stored for ``key``, or None.  Cost: one root-to-leaf descent."""
-        get = self.pool.get
-        node = get(self.root)
-        while node.__class__ is InternalNode:
-            node = get(node.children[bisect_right(node.keys, key)])
+        # BufferPool.get's hit path inlined: a warm get is three hits
+        pool = self.pool
+        frames = pool._frames
+        touch = frames.move_to_end
+        op = pool._op
+        lid = self.root
+        hits = 0
+        while True:
+            frame = frames.get(lid)
+            if frame is None:
+                node = pool.get(lid)
+            else:
+                hits += 1
+                touch(lid)
+                frame.stamp = op
+                node = frame.node
+            if node.__class__ is not InternalNode:
+                break
+            lid = node.children[bisect_right(node.keys, key)]
+        pool.hits += hits
         leaf: LeafNode = node
         keys = leaf.keys
         i = bisect_left(keys, key)

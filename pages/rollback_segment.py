@@ -23,6 +23,8 @@ Undo record (at byte ``offset`` of the body of page ``lid``; its pointer is
     flags bit 2: value is an overflow reference (pages.node.OverflowRef)
     flags bit 3: undone -- a rollback restored this previous version, so
                  purge must not free its value
+    flags bit 4: the change wrote a value, not a delete mark, so purge has
+                 no mark to look for (a record without it may have)
 
 Header page body: ``u64 head | u64 tail``.
 """
@@ -44,6 +46,7 @@ ABSENT = 0x01
 WAS_DELETED = 0x02
 _OVERFLOW = 0x04
 UNDONE = 0x08  # set by rollback (UNDO_MARK): the change was undone, its value restored
+WROTE_VALUE = 0x10  # the change wrote a value (no delete mark for purge to remove)
 _FLAGS_AT = 36  # offset of the flags byte within a record
 
 _REC = struct.Struct("<IQQQQBH")
