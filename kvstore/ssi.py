@@ -180,20 +180,27 @@ class SsiManager:
             r.outs.add(w)
             w.ins.add(r)
             if dangerous(r, w):  # w as the pivot: r -> w -> (decided T_out)
-                self._abort_for(w if w.prepare_seq is None else r, key)
+                self._abort_for(w, r, key)
             if w.prepare_seq is not None:  # r as the pivot: i -> r -> w, w decided
                 _note_out(r, w.prepare_seq)
                 for i in list(r.ins):
                     if dangerous(i, r):
-                        self._abort_for(r if r.prepare_seq is None else i, key)
+                        self._abort_for(r, i, key)
         self._raise_if_doomed(current)
 
-    def _abort_for(self, victim: SsiTxn, key: bytes | None) -> None:
+    def _abort_for(self, pivot: SsiTxn, t_in: SsiTxn, key: bytes | None) -> None:
+        """Doom the pivot of a dangerous structure, or T_in if the pivot is
+        already decided (prepared or committing) and so cannot be aborted."""
+        if pivot.prepare_seq is None:
+            victim = pivot
+            role = "is the pivot of a dangerous structure (it read what a committed transaction overwrote, and wrote what another read)"
+        else:
+            victim = t_in
+            role = "would complete a dangerous structure whose pivot has already committed or prepared (it read what the pivot wrote)"
         if victim.prepare_seq is not None or victim.doomed is not None:
             return
         victim.doomed = ConflictError(
-            f"serialization failure: transaction is the pivot of a dangerous structure"
-            f"{'' if key is None else f' (on key {key!r})'}; retry it",
+            f"serialization failure: transaction {role}{'' if key is None else f' (on key {key!r})'}; retry it",
             key,
             "rw-antidependency",
         )
@@ -214,10 +221,10 @@ class SsiManager:
             return
         for i in t.ins:  # t as the pivot
             if dangerous(i, t):
-                self._abort_for(t, None)
+                self._abort_for(t, i, None)
         for p in t.outs:  # t as T_in
             if dangerous(t, p):
-                self._abort_for(p if p.prepare_seq is None else t, None)
+                self._abort_for(p, t, None)
         self._raise_if_doomed(t)
 
     def decided(self, t: SsiTxn, seq: int) -> None:
@@ -233,7 +240,7 @@ class SsiManager:
             _note_out(p, seq)
             for i in list(p.ins):
                 if dangerous(i, p):
-                    self._abort_for(p if p.prepare_seq is None else i, None)
+                    self._abort_for(p, i, None)
 
     def made_visible(self, t: SsiTxn, seq: int) -> None:
         """``t``'s commit is visible to every snapshot taken from now on

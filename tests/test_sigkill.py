@@ -522,3 +522,23 @@ def test_prepared_transaction_survives_sigkill_and_kills_during_restart(tmp_path
         f"\nprepared across SIGKILL ({decision}): 1 prepare, 2 kills at failpoints in restart, a timed kill {where} open, "
         f"{len(side.acked)} acked verified, lost 0"
     )
+
+
+@pytest.mark.parametrize("point", ["pages.before_create_fsync", "wal.after_append", "wal.before_fsync"])
+def test_sigkill_while_a_database_is_created_leaves_one_the_next_open_finishes(tmp_path, point):
+    """A process killed while it creates a database (before the new page
+    file's fsync, or while it logs the empty tree) leaves a directory that
+    the next open turns into a working, empty database -- creation is the one
+    place the loops above never kill, since their databases already exist."""
+    path = str(tmp_path / "db")
+    child = f"import kvstore; kvstore.open({path!r}).put(b'never', b'acknowledged')"
+    env = dict(os.environ, KVSTORE_FAILPOINTS=f"{point}=kill@1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, f"the child was not killed at {point}: {proc.stderr.decode()}"
+    reliability.add("sigkill_rounds")
+    with kvstore.open(path) as db:
+        assert list(db.scan()) == []
+        assert db.check()["ok"]
+        db.put(b"k", b"v")
+    with kvstore.open(path) as db:
+        assert db.get(b"k") == b"v"

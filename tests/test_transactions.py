@@ -1637,3 +1637,25 @@ def test_serializable_failure_at_the_end_of_a_with_block_propagates(sdb):
             t1.commit()
     assert t2.state == "aborted"
     assert contents(sdb) == {b"alice": b"off", b"bob": b"on"}
+
+
+def test_serializable_failure_names_the_victims_role(tmp_path):
+    """SSI aborts the pivot of a dangerous structure; when the pivot is
+    already prepared it cannot, and aborts T_in instead.  The error says
+    which: a T_in victim is not told it is the pivot."""
+    with kvstore.open(tmp_path / "db", sync="off", isolation="serializable") as db:
+        db.put(b"a", b"0")
+        db.put(b"b", b"0")
+        pivot = db.begin()
+        assert pivot.get(b"a") == b"0"
+        t_in = db.begin()
+        db.put(b"a", b"1")  # T_out commits first: pivot -rw-> T_out
+        pivot.put(b"b", b"1")
+        pivot.prepare(b"gid-pivot")  # decided: it can no longer be the one aborted
+        with pytest.raises(ConflictError) as caught:
+            t_in.get(b"b")  # reads what the pivot overwrote: t_in -rw-> pivot
+            t_in.put(b"c", b"1")
+            t_in.commit()
+        message = str(caught.value)
+        assert "pivot has already committed or prepared" in message and "is the pivot" not in message, message
+        db.commit_prepared(b"gid-pivot")
