@@ -886,17 +886,13 @@ class Database:
                 self._finish_commit(tx)
                 return
             self._check_writable()
-            assert self._wal is not None
-            try:
-                lsn = self._wal.append(RecordType.COMMIT, tx.txid, b"", tx.last_lsn)
-            except PoisonedError as e:
-                self._poisoned(e)
-                raise
+            lsn = self._log_append(RecordType.COMMIT, tx, b"")
             tx.last_lsn = lsn
             tx.state = COMMITTING
             if ssi is not None:  # SSI orders commits at the decision
                 self._commit_seq += 1
                 self._ssi.decided(ssi, self._commit_seq)
+        assert self._wal is not None
         try:
             self._wal.commit_wait(lsn)  # group commit; no latch held
         except PoisonedError as e:
@@ -918,6 +914,16 @@ class Database:
                 added = store.undo.take_pages_added()
                 self._purge_locked(max_pages=16 + 2 * added)
         self._checkpointer.poke()
+
+    def _log_append(self, rtype: int, tx: Transaction, payload: bytes) -> int:
+        """Append ``tx``'s next record (chained to its last); a failure
+        poisons the store.  Caller holds the latch."""
+        assert self._wal is not None
+        try:
+            return self._wal.append(rtype, tx.txid, payload, tx.last_lsn)
+        except PoisonedError as e:
+            self._poisoned(e)
+            raise
 
     def _finish_commit(self, tx: Transaction) -> None:
         tx.state = COMMITTED
@@ -950,12 +956,7 @@ class Database:
                 self._next_txid += 1
                 tx.snapshot.own = tx.txid
                 self._writers[tx.txid] = tx
-            assert self._wal is not None
-            try:
-                lsn = self._wal.append(RecordType.PREPARE, tx.txid, gid, tx.last_lsn)
-            except PoisonedError as e:
-                self._poisoned(e)
-                raise
+            lsn = self._log_append(RecordType.PREPARE, tx, gid)
             tx.last_lsn = lsn
             tx.state = PREPARED
             tx.gid = gid
@@ -965,6 +966,7 @@ class Database:
                 # as committed from now on, so it is never chosen as a victim.
                 self._commit_seq += 1
                 self._ssi.decided(ssi, self._commit_seq)
+        assert self._wal is not None
         try:
             self._wal.flush(lsn)  # prepare is durable in every sync mode
         except PoisonedError as e:
@@ -992,15 +994,11 @@ class Database:
         with self._latch:
             self._check_writable()
             tx = self._take_prepared(gid)
-            assert self._wal is not None
-            try:
-                lsn = self._wal.append(RecordType.COMMIT, tx.txid, b"", tx.last_lsn)
-            except PoisonedError as e:
-                self._poisoned(e)
-                raise
+            lsn = self._log_append(RecordType.COMMIT, tx, b"")
             tx.state = COMMITTING
             assert tx.gid is not None  # it was found in _prepared under its gid
             del self._prepared[tx.gid]
+        assert self._wal is not None
         try:
             self._wal.flush(lsn)
         except PoisonedError as e:  # the outcome is in doubt again: a reopen finds it prepared or committed
