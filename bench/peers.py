@@ -224,6 +224,11 @@ def _probe_file(b: kb.Bench, what: str) -> tuple[str, int]:
     return d, os.open(os.path.join(d, "probe"), os.O_RDWR | os.O_CREAT, 0o644)
 
 
+def _close_probe(d: str, fd: int) -> None:
+    os.close(fd)
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _fsync_append(b: kb.Bench, rng: random.Random):
     """pwrite 100 bytes at the end of a file, fsync: the ceiling of a log
     that fsyncs every commit."""
@@ -237,13 +242,7 @@ def _fsync_append(b: kb.Bench, rng: random.Random):
         offset[0] += len(payload)
         return 1
 
-    try:
-        yield None
-        while True:
-            yield kb._time_bounded(b.cfg.slice_s, unit)
-    finally:
-        os.close(fd)
-        shutil.rmtree(d, ignore_errors=True)
+    yield from kb.unit_slices(b, unit, lambda: _close_probe(d, fd))
 
 
 def _fdatasync_overwrite(b: kb.Bench, rng: random.Random):
@@ -263,13 +262,7 @@ def _fdatasync_overwrite(b: kb.Bench, rng: random.Random):
         offset[0] = (offset[0] + len(payload)) % (size - len(payload))
         return 1
 
-    try:
-        yield None
-        while True:
-            yield kb._time_bounded(b.cfg.slice_s, unit)
-    finally:
-        os.close(fd)
-        shutil.rmtree(d, ignore_errors=True)
+    yield from kb.unit_slices(b, unit, lambda: _close_probe(d, fd))
 
 
 def _fsync_8_files(b: kb.Bench, rng: random.Random):
@@ -286,13 +279,9 @@ def _fsync_8_files(b: kb.Bench, rng: random.Random):
         os.fsync(fds[i])
         offsets[i] += len(payload)
 
-    crew = kb.Crew(kb.THREADS, work)
     try:
-        yield None
-        while True:
-            yield crew.slice(b.cfg.slice_s * 2.5)
+        yield from kb.crew_slices(b, kb.Crew(kb.THREADS, work))
     finally:
-        crew.close()
         for fd in fds:
             os.close(fd)
         shutil.rmtree(d, ignore_errors=True)

@@ -714,13 +714,29 @@ def _threaded_commits(b: Bench, cls: type[Store], rng: random.Random) -> Job:
         ks = mine[i]
         store.commit_one(ks[r.randrange(len(ks))], values[r.randrange(256)])
 
-    crew = Crew(THREADS, work, warm=work, done=lambda i: store.thread_done())
+    yield from crew_slices(b, Crew(THREADS, work, warm=work, done=lambda i: store.thread_done()))
+
+
+def crew_slices(b: Bench, crew: Crew) -> Job:
+    """The job of a threaded workload: ready once ``crew`` exists, then one
+    slice of 2.5 times the usual length per step; closes the crew at the end."""
     try:
         yield None
         while True:
             yield crew.slice(b.cfg.slice_s * 2.5)
     finally:
         crew.close()
+
+
+def unit_slices(b: Bench, unit: Callable[[], int], cleanup: Callable[[], None]) -> Job:
+    """The job of a probe: ready at once, then as many ``unit()`` calls as
+    fit in a slice per step; ``cleanup()`` at the end."""
+    try:
+        yield None
+        while True:
+            yield _time_bounded(b.cfg.slice_s, unit)
+    finally:
+        cleanup()
 
 
 def _scan(b: Bench, cls: type[Store], rng: random.Random) -> Job:
