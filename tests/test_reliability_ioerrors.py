@@ -639,13 +639,19 @@ def check_clean_error(err: BaseException, code: int, where: str) -> None:
     assert code in codes, f"{where}: the error does not carry the injected {errno.errorcode[code]}: {err!r}"
 
 
+def open_or_fail(fs: FaultFS, w: Workload, what: str) -> kvstore.Database:
+    """The store on ``fs``; any error opening it fails the check (an I/O
+    error never justifies a store that does not open)."""
+    try:
+        return kvstore.open(DB, _fs=fs, **w.opts)
+    except Exception as e:
+        raise AssertionError(f"{what} failed: {e!r}") from e
+
+
 def verify_image(img: FaultFS, w: Workload, hist: History, where: str, count: bool = True) -> None:
     """Open the store on ``img`` and require a state of the model (see the
     module doc, step 5); then the backup, if one was acknowledged."""
-    try:
-        db = kvstore.open(DB, _fs=img, **w.opts)
-    except Exception as e:
-        raise AssertionError(f"{where}: open after the error failed: {e!r}") from e
+    db = open_or_fail(img, w, f"{where}: open after the error")
     try:
         data, prepared = dict(db.scan()), db.prepared()
         cands = hist.candidates()
@@ -751,10 +757,7 @@ def reopen_in_the_same_boot(fs: FaultFS, w: Workload, hist: History, plans: list
     error left it (which may show writes a failed fsync dropped from the
     disk's path) and commits.  Then the power is cut: every image must hold
     exactly what that reopened store showed and acknowledged."""
-    try:
-        db = kvstore.open(DB, _fs=fs, **w.opts)
-    except Exception as e:
-        raise AssertionError(f"{where}: a reopen in the same boot failed: {e!r}") from e
+    db = open_or_fail(fs, w, f"{where}: a reopen in the same boot")
     try:
         seen = dict(db.scan())
         assert seen in [c.data for c in hist.candidates()], f"{where}: the reopen in the same boot shows a state the model never had"
@@ -769,10 +772,7 @@ def reopen_in_the_same_boot(fs: FaultFS, w: Workload, hist: History, plans: list
     for plan in plans:
         img = fs.crash(plan)
         what = f"{where}, then a reopen in the same boot, a commit and a power cut {plan!r}"
-        try:
-            db = kvstore.open(DB, _fs=img, **w.opts)
-        except Exception as e:
-            raise AssertionError(f"{what}: open failed: {e!r}") from e
+        db = open_or_fail(img, w, what)
         try:
             data = dict(db.scan())
             if REOPENED not in data and count:
