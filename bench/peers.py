@@ -68,6 +68,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -383,47 +384,36 @@ def _scale_child(n: int, root: str, reps: int = 7, slice_s: float = 0.04, seed: 
     lookups = [keys[r.randrange(len(keys))] for _ in range(20_000)]
     vals = [b""] * len(keys)
 
-    def kv_gets() -> Any:
-        pos = 0
-        yield None
-        while True:
-            t_end = perf() + slice_s
-            done = 0
-            while perf() < t_end:
-                tx = db.begin(readonly=True)
-                for k in lookups[pos : pos + 100]:
-                    tx.get(k)
-                tx.commit()
-                pos = (pos + 100) % 19_900
-                done += 100
-            yield done
+    def in_hundreds(lookup: Callable[[list[bytes]], object]) -> Callable[[], Any]:
+        """A job that looks up the keys 100 at a time for a slice per step."""
 
-    def sq_gets() -> Any:
-        pos = 0
-        yield None
-        while True:
-            t_end = perf() + slice_s
-            done = 0
-            while perf() < t_end:
-                sq.get_many(lookups[pos : pos + 100])
-                pos = (pos + 100) % 19_900
-                done += 100
-            yield done
+        def job() -> Any:
+            pos = 0
+            yield None
+            while True:
+                t_end = perf() + slice_s
+                done = 0
+                while perf() < t_end:
+                    lookup(lookups[pos : pos + 100])
+                    pos = (pos + 100) % 19_900
+                    done += 100
+                yield done
 
-    def floor() -> Any:
-        pos = 0
-        yield None
-        while True:
-            t_end = perf() + slice_s
-            done = 0
-            while perf() < t_end:
-                for k in lookups[pos : pos + 100]:
-                    j = bisect.bisect_left(keys, k)
-                    if keys[j] == k and vals[j] is not None:
-                        pass
-                pos = (pos + 100) % 19_900
-                done += 100
-            yield done
+        return job
+
+    def kv_lookup(ks: list[bytes]) -> None:
+        tx = db.begin(readonly=True)
+        for k in ks:
+            tx.get(k)
+        tx.commit()
+
+    def floor_lookup(ks: list[bytes]) -> None:
+        for k in ks:
+            j = bisect.bisect_left(keys, k)
+            if keys[j] == k and vals[j] is not None:
+                pass
+
+    kv_gets, sq_gets, floor = in_hundreds(kv_lookup), in_hundreds(sq.get_many), in_hundreds(floor_lookup)
 
     tx = db.begin(readonly=True)
     for k in lookups:  # warm: every lookup key's path in the cache
