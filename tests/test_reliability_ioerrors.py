@@ -751,7 +751,15 @@ def check_after_error(s: Session, kind: str | None, path: str | None, err: BaseE
     return poisoned
 
 
-def reopen_in_the_same_boot(fs: FaultFS, w: Workload, hist: History, plans: list, where: str, count: bool) -> None:
+def crash_plans(fs: FaultFS) -> list[Any]:
+    """How step 5 cuts the power over what ``fs`` has pending now."""
+    plans: list[Any] = [DropAll(), KeepAll()]
+    if SOAK:
+        plans += [p for p in fs.plans(limit=10) if not isinstance(p, (DropAll, KeepAll))]
+    return plans
+
+
+def reopen_in_the_same_boot(fs: FaultFS, w: Workload, hist: History, where: str, count: bool) -> None:
     """Step 6 of the module doc, for a failed fsync: no power cut yet -- the process that saw
     the error exits, another opens the store over the page cache as the
     error left it (which may show writes a failed fsync dropped from the
@@ -769,7 +777,7 @@ def reopen_in_the_same_boot(fs: FaultFS, w: Workload, hist: History, plans: list
         raise
     # The power fails with the reopened store still open: its close would
     # checkpoint, and a checkpoint makes everything before it durable anew.
-    for plan in plans:
+    for plan in crash_plans(fs):
         img = fs.crash(plan)
         what = f"{where}, then a reopen in the same boot, a commit and a power cut {plan!r}"
         db = open_or_fail(img, w, what)
@@ -846,13 +854,10 @@ def run_point(w: Workload, mode: str, code: int, nth: int, nbytes: int = 0, coun
             fs.lock(lock).release()
         except BlockingIOError:
             raise AssertionError(f"{where}: the store's lock is still held after the error") from None
-    plans = [DropAll(), KeepAll()]
-    if SOAK:
-        plans += [p for p in fs.plans(limit=10) if not isinstance(p, (DropAll, KeepAll))]
     if reopen:
-        reopen_in_the_same_boot(fs, w, hist, plans, where, count)
+        reopen_in_the_same_boot(fs, w, hist, where, count)
         return True
-    for plan in plans:
+    for plan in crash_plans(fs):
         verify_image(fs.crash(plan), w, hist, f"{where}, then a power cut {plan!r}", count)
     if kind == "fsync" and mode == "once":  # step 6: the same point again, reopened before the power cut
         run_point(w, mode, code, nth, nbytes, count, reopen=True)
