@@ -231,26 +231,54 @@ class BTree:
             raise ValueError(f"key must be 1..{MAX_KEY} bytes, got {len(key)}")
         if len(value) > MAX_VALUE:
             raise ValueError(f"value must be at most {MAX_VALUE} bytes, got {len(value)}")
-        self.pool.begin_op()
-        try:
-            ops: list[PageOp] = list(extra_ops) if extra_ops else []
+        ops: list[PageOp] = list(extra_ops) if extra_ops else []
+
+        def plan_and_put(log_once: LogOps) -> Cell | None:
             v: Value = value
             if CELL_OVERHEAD + len(key) + len(value) > self.max_cell:
                 v = self._plan_overflow(value, ops)
-            return self._put((flags, txid, undo, v), key, free_old, ops, log or self._log)
+            return self._put((flags, txid, undo, v), key, free_old, ops, log_once)
+
+        return self._guarded(ops, log or self._log, plan_and_put)
+
+    def _guarded(self, ops: list[PageOp], log_ops: LogOps, fn: Callable[[LogOps], Cell | None]) -> Cell | None:
+        """``fn(log)`` as one pool operation; if it fails before ``log``
+        wrote its record, the page ids its plan (``ops``) allocated are given
+        back."""
+        logged = [False]
+
+        def log_once(planned: list[PageOp]) -> int:
+            lsn = log_ops(planned)
+            logged[0] = True
+            return lsn
+
+        self.pool.begin_op()
+        try:
+            return fn(log_once)
+        except BaseException:
+            if not logged[0]:
+                self._release_planned(ops)
+            raise
         finally:
             self.pool.end_op()
+
+    def _release_planned(self, ops: list[PageOp]) -> None:
+        """An operation failed before its record was logged (a read whose
+        eviction could not write, say): give back the page ids its plan
+        allocated -- pages that are neither written nor cached -- so none is
+        left allocated without content."""
+        pagefile, pool = self.pagefile, self.pool
+        for lid, op, _ in ops:
+            if op == Op.IMAGE and pagefile.is_allocated(lid) and not pagefile.has_image(lid) and pool.cached(lid) is None:
+                pagefile.release_unwritten(lid)
 
     def put_cell(
         self, key: bytes, cell: Cell, free_old: bool = True, extra_ops: list[PageOp] | None = None, log: LogOps | None = None
     ) -> Cell | None:
         """Store a prepared cell (whose value may be an existing overflow
         reference, as rollback restores it); otherwise like ``put``."""
-        self.pool.begin_op()
-        try:
-            return self._put(cell, key, free_old, list(extra_ops) if extra_ops else [], log or self._log)
-        finally:
-            self.pool.end_op()
+        ops: list[PageOp] = list(extra_ops) if extra_ops else []
+        return self._guarded(ops, log or self._log, lambda log_once: self._put(cell, key, free_old, ops, log_once))
 
     def _put(self, cell: Cell, key: bytes, free_old: bool, ops: list[PageOp], log_ops: LogOps) -> Cell | None:
         """Caller has begun a pool operation; ``ops`` holds what goes first."""

@@ -263,6 +263,14 @@ class PageFile:
             self._free_lids.discard(lid)
             self._allocated.add(lid)
 
+    def release_unwritten(self, lid: int) -> None:
+        """Return an id that ``allocate`` gave out and nothing wrote or
+        logged (its operation failed first)."""
+        if lid not in self._allocated or self._slot[lid]:
+            raise ValueError(f"page {lid} is not an allocated, unwritten page")
+        self._allocated.discard(lid)
+        self._free_lids.add(lid)
+
     def free(self, lid: int) -> None:
         """Release page ``lid``; its slot is reusable once that is safe (P4)."""
         if not self.is_allocated(lid):
