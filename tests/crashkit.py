@@ -266,7 +266,11 @@ def digest(fs: FaultFS, extra: Iterable[str] = ()) -> bytes:
 
 def recover_state(fs: FaultFS, sync: str, open_kw: Mapping[str, Any]) -> State:
     """Open (restart runs), read everything, ``check()``, close."""
-    db = open_db(fs, sync, **open_kw)
+    return _state_of(open_db(fs, sync, **open_kw))
+
+
+def _state_of(db: kvstore.Database) -> State:
+    """Everything ``db`` holds, after ``check()``; closes it."""
     try:
         state = State(dict(db.scan()), tuple(db.prepared()))
         db.check()
@@ -299,12 +303,7 @@ def recover(fs: FaultFS, sync: str, open_kw: Mapping[str, Any], backups: Iterabl
 def recover_state_at(fs: FaultFS, path: str) -> State:
     db = kvstore.open(path, _fs=fs, create=False, checkpoint_interval=float("inf"))
     db._checkpointer.stop()
-    try:
-        state = State(dict(db.scan()), tuple(db.prepared()))
-        db.check()
-    finally:
-        db.close()
-    return state
+    return _state_of(db)
 
 
 class Cache:

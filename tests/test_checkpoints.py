@@ -446,6 +446,7 @@ def test_recovery_after_an_unclean_shutdown_is_reported(caplog):
     assert st["recovery_records_scanned"] >= 50 + 20
     assert st["recovery_transactions_undone"] == 1
     assert st["recovery_ops_redone"] > 0
+    assert 0 < st["recovery_pages_redone"] <= st["recovery_ops_redone"]  # each page read once, however many ops
     lines = [r for r in caplog.records if r.name == "kvstore" and r.levelno == logging.INFO and "recover" in r.getMessage()]
     assert lines, [r.getMessage() for r in caplog.records]
     msg = lines[-1].getMessage()
