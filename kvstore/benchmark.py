@@ -355,9 +355,7 @@ class _KvWriter(Writer):
         self.tx = tx
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        put = self.tx.put
-        for k, v in items:
-            put(k, v)
+        self.tx.put_many(items)
 
     def commit(self) -> None:
         self.tx.commit()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import kvstore
+from kvstore.transaction import check_key, check_value
 from pages.fs import OsFileSystem
 from wal.errors import ClosedError, CorruptionError, DatabaseLockedError, Error
 
@@ -155,8 +156,12 @@ def _remove_store(path: str, remove_dir: bool) -> None:
         _fs.rmdir(path)
 
 
+_LOAD_BATCH = 10_000  # pairs per tx.put_many: a leaf at a time, in bounded memory
+
+
 def _load_into(db: kvstore.Database, out: TextIO, inp: TextIO) -> int:
     count = 0
+    batch: list[tuple[bytes, bytes]] = []
     with db:
         tx = db.begin()
         try:
@@ -170,10 +175,14 @@ def _load_into(db: kvstore.Database, out: TextIO, inp: TextIO) -> int:
                 except (ValueError, KeyError, TypeError, binascii.Error) as e:
                     raise UserError(f"line {lineno}: expected {{\"key\": base64, \"value\": base64}}: {e}") from None
                 try:
-                    tx.put(key, value)
+                    batch.append((check_key(key), check_value(value)))
                 except (ValueError, TypeError) as e:
                     raise UserError(f"line {lineno}: {e}") from None
                 count += 1
+                if len(batch) == _LOAD_BATCH:
+                    tx.put_many(batch)
+                    batch = []
+            tx.put_many(batch)
             tx.commit()
         except BaseException:
             if tx.state == "active":

@@ -29,7 +29,9 @@ import threading
 import time
 import uuid
 import weakref
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from kvstore.mvcc import Snapshot, visible_version
@@ -44,7 +46,7 @@ from kvstore.transaction import (
     check_key,
 )
 from pages.fs import FileSystem, OsFileSystem
-from pages.node import FLAG_DELETED, Cell, OverflowRef, PageOp, Value, pack_ops
+from pages.node import CELL_OVERHEAD, FLAG_DELETED, Cell, OverflowRef, PageOp, Value, pack_ops
 from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
 from pages.rollback_segment import UNDONE, WAS_DELETED, WROTE_VALUE, RollbackSegment, UndoRecord, encode_undo
 from pages.store import PageStore
@@ -55,6 +57,7 @@ from wal.format import NO_LSN, RecordType, parse_segment_name
 from wal.log import WriteAheadLog
 
 if TYPE_CHECKING:
+    from pages.btree import BTree
     from recovery.checkpointer import Checkpointer
 
 log = logging.getLogger("kvstore")
@@ -200,6 +203,7 @@ class Database:
         self._damaged = False  # a CorruptionError was raised while open
         self._end_at_open = 0
         self._open(create, page_size, cache_size)
+        self._tree: BTree = self._opened_store().tree  # fixed once open (Transaction.get's hot path)
         self._closed = False
         _open_databases.add(self)
         self._checkpointer.start()
@@ -280,6 +284,10 @@ class Database:
         except BaseException:
             self._release_files(flush=False)  # a refused open writes nothing more
             raise
+
+    def _opened_store(self) -> PageStore:
+        assert self._store is not None, "the page store is set by _open"
+        return self._store
 
     def _looks_like_page_file(self, page_path: str) -> bool:
         """Whether the file starts like a kvstore page file (read only)."""
@@ -396,6 +404,9 @@ class Database:
                 # seen: reading a damaged store must leave it as it was.
                 if self._poison is None and not self._damaged and not self._clean_since_open():
                     assert self._wal is not None
+                    # No snapshot outlives the close (prepared ones excepted):
+                    # give back the undo pages, so the file can shrink.
+                    self._purge_locked(max_pages=1 << 30)
                     self._wal.start_segment()  # the checkpoint then removes every older segment
                     self._checkpointer.checkpoint(latch_held=True)
             finally:
@@ -637,6 +648,31 @@ class Database:
             self._damaged = True
             raise
 
+    def _get_snapshot(self, tx: Transaction, key: bytes, default: Any) -> Any:
+        """``tx.get`` for a transaction that records no reads (not
+        serializable): the hot path, one latch trip and one descent.  A plain
+        value written below the snapshot's horizon (or by ``tx`` itself) is
+        the answer without consulting the undo chain."""
+        snap = tx.snapshot
+        with self._latch:
+            if self._closed:
+                self._raise_closed()
+            store = self._store
+            assert store is not None
+            try:
+                found = store.tree.get_visible(key, snap.horizon, snap.own)
+                if found.__class__ is bytes:
+                    return found
+                if found is None:
+                    return default
+                exists, value = visible_version(snap, found, store.undo.read)  # type: ignore[arg-type]
+                if not exists:
+                    return default
+                return value if value.__class__ is not OverflowRef else store.tree.read_value((0, 0, 0, value))
+            except CorruptionError:
+                self._damaged = True
+                raise
+
     def _get_locked(self, tx: Transaction, key: bytes, default: Any) -> Any:
         ssi = tx.ssi
         with self._latch:
@@ -776,6 +812,59 @@ class Database:
         with self._latch:
             cell = self._write_precheck(tx, key)
             self._write_version(tx, key, value, cell, 0)
+
+    def _put_many(self, tx: Transaction, keys: list[bytes], values: list[bytes]) -> None:
+        """Put sorted, distinct ``keys``: every key's conflict checks first
+        (a conflict rolls the transaction back before anything of the batch is
+        written), then runs of keys that share a leaf, each in one descent and
+        one log record (``BTree.put_run``).  A value too large for a cell
+        goes the way of a single put."""
+        with self._latch:
+            precheck = self._write_precheck
+            olds = [precheck(tx, k) for k in keys]
+            store = self._store
+            assert store is not None
+            tree, undo, txid = store.tree, store.undo, tx.txid
+
+            def plan(start: int, end: int, cells: list[Cell | None], ops: list[PageOp]) -> list[Cell]:
+                records = []
+                for k, old in zip(keys[start:end], cells, strict=True):
+                    if old is None:
+                        records.append(encode_undo(txid, 0, 0, 0, WROTE_VALUE, k, None))
+                    else:
+                        was_deleted = WAS_DELETED if old[0] & FLAG_DELETED else 0
+                        records.append(encode_undo(txid, 0, old[1], old[2], was_deleted | WROTE_VALUE, k, old[3]))
+                ptrs = undo.plan_append_many(records, ops, tx.last_undo)
+                chain_end[0] = ptrs[-1]
+                return [(0, txid, ptr, v) for ptr, v in zip(ptrs, values[start:end], strict=True)]
+
+            chain_end = [0]
+
+            def log_run(ops: list[PageOp]) -> int:
+                return self._log_write(tx, chain_end[0])(ops)
+
+            # where each run must stop: at the next value that needs overflow
+            # pages, and after about two pages of cells (the log record's size)
+            n = len(keys)
+            sizes = [CELL_OVERHEAD + len(k) + len(v) for k, v in zip(keys, values, strict=True)]
+            ends = list(accumulate(sizes))
+            big = [i for i, size in enumerate(sizes) if size > tree.max_cell] + [n]
+            record_bytes = 2 * tree.capacity
+            i, next_big = 0, 0
+            try:
+                while i < n:
+                    if i == big[next_big]:  # an overflow value: the single-put path
+                        self._write_version(tx, keys[i], values[i], olds[i], 0)
+                        i += 1
+                        next_big += 1
+                        continue
+                    stop = min(big[next_big], max(i + 1, bisect_right(ends, ends[i] - sizes[i] + record_bytes)))
+                    j = tree.put_run(keys, i, stop, plan, log=log_run)
+                    tx.writes += j - i
+                    i = j
+            except PoisonedError as e:
+                self._poisoned(e)
+                raise
 
     def _delete(self, tx: Transaction, key: bytes) -> bool:
         with self._latch:

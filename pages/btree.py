@@ -29,6 +29,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from itertools import pairwise
+from typing import TypeVar
 
 import crc32c
 import lz4.block  # type: ignore[import-untyped]  # lz4 ships neither type hints nor stubs
@@ -60,6 +61,7 @@ from pages.pagefile import PageFile
 MAX_KEY = 1024
 MAX_VALUE = 64 * 2**20
 
+_T = TypeVar("_T")
 LogOps = Callable[[list[PageOp]], int]  # append a record of [(page id, Op, data)], return its LSN
 Path = list[tuple[int, TreeNode]]  # (page id, node) from the root down to a leaf
 
@@ -90,33 +92,83 @@ class BTree:
 
     # --- reads ---------------------------------------------------------------------
 
-    def get(self, key: bytes) -> Cell | None:
-        """The cell stored for ``key``, or None.  Cost: one root-to-leaf descent."""
-        # BufferPool.get's hit path inlined: a warm get is three hits
+    def _leaf(self, key: bytes) -> LeafNode:
+        """The leaf that holds ``key`` (if anything does): one descent.
+
+        BufferPool.get's hit path is inlined (a warm get is all hits).  Only
+        the leaf moves to the LRU's young end: internal nodes are found again
+        by every descent below them, so they are re-read at worst once per
+        turn of the cache, and moving them would cost every get.
+        """
         pool = self.pool
         frames = pool._frames
-        touch = frames.move_to_end
         op = pool._op
+        lid = self.root
+        hits = 0  # of internal nodes (pool.get counts its own)
+        while True:
+            frame = frames.get(lid)
+            if frame is None:
+                node = pool.get(lid)
+                if node.__class__ is not InternalNode:
+                    pool.hits += hits
+                    return node  # type: ignore[no-any-return]
+            else:
+                frame.stamp = op
+                node = frame.node
+                if node.__class__ is not InternalNode:
+                    frames.move_to_end(lid)
+                    pool.hits += hits + 1
+                    return node  # type: ignore[no-any-return]
+                hits += 1
+            lid = node.children[bisect_right(node.keys, key)]
+
+    def get(self, key: bytes) -> Cell | None:
+        """The cell stored for ``key``, or None.  Cost: one root-to-leaf descent."""
+        leaf = self._leaf(key)
+        keys = leaf.keys
+        i = bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            return leaf.cells[i]
+        return None
+
+    def get_visible(self, key: bytes, horizon: int, own: int) -> bytes | Cell | None:
+        """``get`` for the read path: the value itself (bytes) when the
+        newest version is a plain value written below ``horizon`` or by
+        ``own`` (visible to the snapshot without its undo chain); None when
+        the key has no cell; otherwise (a delete mark, an overflow value, a
+        version the snapshot may not see) the cell, for the caller to resolve.
+        The descent is ``_leaf``'s, inlined: this is the hottest path."""
+        pool = self.pool
+        frames = pool._frames
         lid = self.root
         hits = 0
         while True:
             frame = frames.get(lid)
             if frame is None:
                 node = pool.get(lid)
+                if node.__class__ is not InternalNode:
+                    pool.hits += hits
+                    break
             else:
-                hits += 1
-                touch(lid)
-                frame.stamp = op
+                frame.stamp = pool._op
                 node = frame.node
-            if node.__class__ is not InternalNode:
-                break
+                if node.__class__ is not InternalNode:
+                    frames.move_to_end(lid)
+                    pool.hits += hits + 1
+                    break
+                hits += 1
             lid = node.children[bisect_right(node.keys, key)]
-        pool.hits += hits
-        leaf: LeafNode = node
-        keys = leaf.keys
+        keys = node.keys
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:
-            return leaf.cells[i]
+            cell: Cell = node.cells[i]
+            if not cell[0]:  # no delete mark
+                writer = cell[1]
+                if writer < horizon or writer == own:
+                    value = cell[3]
+                    if value.__class__ is bytes:  # not an OverflowRef
+                        return value
+            return cell
         return None
 
     def read_value(self, cell: Cell) -> bytes:
@@ -241,7 +293,7 @@ class BTree:
 
         return self._guarded(ops, log or self._log, plan_and_put)
 
-    def _guarded(self, ops: list[PageOp], log_ops: LogOps, fn: Callable[[LogOps], Cell | None]) -> Cell | None:
+    def _guarded(self, ops: list[PageOp], log_ops: LogOps, fn: Callable[[LogOps], _T]) -> _T:
         """``fn(log)`` as one pool operation; if it fails before ``log``
         wrote its record, the page ids its plan (``ops``) allocated are given
         back."""
@@ -279,6 +331,71 @@ class BTree:
         reference, as rollback restores it); otherwise like ``put``."""
         ops: list[PageOp] = list(extra_ops) if extra_ops else []
         return self._guarded(ops, log or self._log, lambda log_once: self._put(cell, key, free_old, ops, log_once))
+
+    def put_run(
+        self,
+        keys: list[bytes],
+        start: int,
+        stop: int,
+        plan: Callable[[int, int, list[Cell | None], list[PageOp]], list[Cell]],
+        log: LogOps | None = None,
+    ) -> int:
+        """Put a run of sorted, distinct ``keys[start:j]`` that land in one
+        leaf, in one log record; return ``j`` (``start < j <= stop``): the
+        run stops at ``stop`` or at the leaf's upper bound.
+
+        ``plan(start, j, olds, ops)`` is told the keys' old cells (None for an
+        absent key), may add ops that go first (their undo records), and
+        returns the new cells, whose values must fit inline.  Old values are
+        kept (as ``put(free_old=False)``).  A run that over-fills the leaf
+        splits it into as few pieces as fit (``_plan_split(pack=True)``), so
+        ascending runs leave full leaves behind them.
+        """
+        ops: list[PageOp] = []
+        pool = self.pool
+
+        def run(log_once: LogOps) -> int:
+            path = self._path(keys[start])
+            leaf_lid, leaf = _leaf_of(path)
+            bound = None
+            for _, node in path[:-1]:
+                i = bisect_right(node.keys, keys[start])
+                if i < len(node.keys):
+                    bound = node.keys[i]  # deeper bounds are tighter
+            j = stop if bound is None else bisect_left(keys, bound, start + 1, stop)
+            lkeys, lcells = leaf.keys, leaf.cells
+            olds: list[Cell | None] = []
+            for k in keys[start:j]:
+                i = bisect_left(lkeys, k)
+                olds.append(lcells[i] if i < len(lkeys) and lkeys[i] == k else None)
+            cells = plan(start, j, olds, ops)
+            new_size = leaf.size
+            for k, c, o in zip(keys[start:j], cells, olds, strict=True):
+                new_size += cell_size(k, c) - (cell_size(k, o) if o is not None else 0)
+            first = len(ops)
+            if self.min_fill <= new_size <= self.capacity or len(path) == 1 and new_size <= self.capacity:
+                for k, c in zip(keys[start:j], cells, strict=True):
+                    ops.append((leaf_lid, Op.LEAF_PUT, op_leaf_put(k, c)))
+                lsn = log_once(ops)
+                if first:
+                    redo.apply_logged(pool, self.pagefile, ops[:first], lsn)
+                put = leaf.put
+                for k, c in zip(keys[start:j], cells, strict=True):
+                    put(k, c)
+                pool.mark_dirty(leaf_lid, leaf, lsn)
+                return j
+            merged = dict(zip(lkeys, lcells, strict=True))
+            merged.update(zip(keys[start:j], cells, strict=True))
+            order = sorted(merged)
+            virtual = LeafNode(order, [merged[k] for k in order])
+            if new_size > self.capacity:
+                self._plan_split(path, virtual, ops, pack=True)
+            else:
+                self._plan_rebalance(path, virtual, ops)
+            redo.apply_live(pool, self.pagefile, log_once, ops)
+            return j
+
+        return self._guarded(ops, log or self._log, run)
 
     def _put(self, cell: Cell, key: bytes, free_old: bool, ops: list[PageOp], log_ops: LogOps) -> Cell | None:
         """Caller has begun a pool operation; ``ops`` holds what goes first."""
@@ -431,29 +548,89 @@ class BTree:
             left += sizes[m]
         return best
 
-    def _plan_split(self, path: Path, node: TreeNode, ops: list[PageOp]) -> None:
+    def _plan_split(self, path: Path, node: TreeNode, ops: list[PageOp], pack: bool = False) -> None:
         """Split ``node`` (the virtual state of the last page of ``path``) and
-        every ancestor it over-fills."""
+        every ancestor it over-fills.  A node splits into balanced halves
+        when they fit (a node over-full by one entry); with ``pack`` (a run
+        of puts), or when halves would not fit, into as few pieces as hold
+        it, filled in key order (``_pack``)."""
         level = len(path) - 1
         while node.size > self.capacity:
             lid = path[level][0]
-            left, sep, right = self._halves(node)
-            right_lid = self.pagefile.allocate()
-            if level == 0:  # root split: the root id stays; both halves move down
-                left_lid = self.pagefile.allocate()
-                ops.append((left_lid, Op.IMAGE, op_image(left)))
-                ops.append((right_lid, Op.IMAGE, op_image(right)))
-                ops.append((lid, Op.IMAGE, op_image(InternalNode([sep], [left_lid, right_lid]))))
-                return
-            ops.append((right_lid, Op.IMAGE, op_image(right)))
-            ops.append((lid, Op.IMAGE, op_image(left)))
+            pieces, seps = self._pack(node) if pack else self._halves_or_pack(node)
+            if level == 0:  # root split: the root id stays; the pieces move down
+                lids = [self.pagefile.allocate() for _ in pieces[1:]]
+                lids.insert(0, self.pagefile.allocate())  # as before packing: the right half's id first
+                for piece_lid, piece in zip(lids, pieces, strict=True):
+                    ops.append((piece_lid, Op.IMAGE, op_image(piece)))
+                node = InternalNode(seps, lids)
+                if node.size <= self.capacity:
+                    ops.append((lid, Op.IMAGE, op_image(node)))
+                    return
+                path = [(lid, node)]  # a root too big for one page: split it again, a level up
+                continue
+            new_lids = [self.pagefile.allocate() for _ in pieces[1:]]
+            for piece_lid, piece in zip(new_lids, pieces[1:], strict=True):
+                ops.append((piece_lid, Op.IMAGE, op_image(piece)))
+            ops.append((lid, Op.IMAGE, op_image(pieces[0])))
             parent_lid, parent = _parent_of(path, level)
             virtual = InternalNode(list(parent.keys), list(parent.children))
-            idx = virtual.child_index(sep)
-            virtual.insert(idx, sep, right_lid)
-            ops.append((parent_lid, Op.INT_INSERT, op_index_key(idx, sep, right_lid)))
+            idx = virtual.child_index(seps[0])
+            for n, (sep, piece_lid) in enumerate(zip(seps, new_lids, strict=True)):
+                virtual.insert(idx + n, sep, piece_lid)
+                ops.append((parent_lid, Op.INT_INSERT, op_index_key(idx + n, sep, piece_lid)))
             node = virtual
             level -= 1
+
+    def _halves_or_pack(self, node: TreeNode) -> tuple[list[TreeNode], list[bytes]]:
+        """Balanced halves when both fit a page (a node over-full by one
+        entry), else ``_pack``."""
+        left, sep, right = self._halves(node)
+        if left.size <= self.capacity and right.size <= self.capacity:
+            return [left, right], [sep]
+        return self._pack(node)
+
+    def _pack(self, node: TreeNode) -> tuple[list[TreeNode], list[bytes]]:
+        """(pieces, separators): ``node``'s content cut greedily, in key order,
+        into pieces that each fill a page as far as the next entry allows;
+        when the last piece would be under-full, it and the one before share
+        their content evenly (``_halves``: their sum is over a page, so both
+        halves are above the minimum fill)."""
+        cap = self.capacity
+        pieces: list[TreeNode] = []
+        seps: list[bytes] = []
+        keys = node.keys
+        if isinstance(node, LeafNode):
+            cells = node.cells
+            begin, size = 0, 2
+            for i, k in enumerate(keys):
+                cs = cell_size(k, cells[i])
+                if size + cs > cap and i > begin:
+                    pieces.append(LeafNode(keys[begin:i], cells[begin:i]))
+                    seps.append(k)
+                    begin, size = i, 2
+                size += cs
+            pieces.append(LeafNode(keys[begin:], cells[begin:]))
+        else:
+            children = node.children
+            begin, size = 0, 10
+            i = 0
+            while i < len(keys):
+                es = 10 + len(keys[i])
+                if size + es > cap and i > begin:  # keys[i] moves up between the pieces
+                    pieces.append(InternalNode(keys[begin:i], children[begin : i + 1]))
+                    seps.append(keys[i])
+                    begin, size = i + 1, 10
+                else:
+                    size += es
+                i += 1
+            pieces.append(InternalNode(keys[begin:], children[begin:]))
+        last = pieces[-1]
+        if len(pieces) > 1 and (last.size < self.min_fill or isinstance(last, InternalNode) and not last.keys):
+            left, sep, right = self._halves(_merge(pieces[-2], seps[-1], last))
+            pieces[-2:] = [left, right]
+            seps[-1] = sep
+        return pieces, seps
 
     def _plan_rebalance(self, path: Path, node: TreeNode, ops: list[PageOp]) -> None:
         """Fix an under-full ``node`` (virtual state of path[level]) by merging

@@ -47,6 +47,7 @@ WAS_DELETED = 0x02
 _OVERFLOW = 0x04
 UNDONE = 0x08  # set by rollback (UNDO_MARK): the change was undone, its value restored
 WROTE_VALUE = 0x10  # the change wrote a value (no delete mark for purge to remove)
+_TXN_PREV_AT = 12  # offset of txn_prev within a record
 _FLAGS_AT = 36  # offset of the flags byte within a record
 
 _REC = struct.Struct("<IQQQQBH")
@@ -223,6 +224,51 @@ class RollbackSegment:
         ops.append((hdr.tail, Op.UNDO_SETNEXT, _U64.pack(new)))
         ops.append((self.header, Op.IMAGE, op_image(UndoHeader(hdr.head, new))))
         return new << 16
+
+    def plan_append_many(self, records: list[bytes], ops: list[PageOp], chain: int) -> list[int]:
+        """``plan_append`` for several records of one transaction in one ops
+        list (a run of puts); return their pointers.  The records are linked
+        into the transaction's chain as they are placed: the first one's
+        ``txn_prev`` becomes ``chain``, each later one's the pointer before
+        it.  What goes to the current tail page is one UNDO_APPEND; a page
+        this plan opens is written whole (an IMAGE, chained by next
+        pointers), and the header once, at the end."""
+        for record in records:
+            if len(record) > self.max_record:
+                raise ValueError(f"undo record of {len(record)} bytes exceeds an undo page ({self.max_record})")
+        hdr: UndoHeader = self.pool.get(self.header)
+        tail_lid = hdr.tail
+        tail: UndoPage = self.pool.get(tail_lid)
+        pending = sum(len(d) - 4 for lid, op, d in ops if lid == tail_lid and op == Op.UNDO_APPEND)
+        first_offset = offset = len(tail.data) + pending
+        cap = self.capacity
+        data = bytearray()  # what this plan puts on page tail_lid, from first_offset on
+        opened = False  # whether tail_lid is a page this plan opened
+        ptrs: list[int] = []
+        for record in records:
+            if offset + len(record) > cap:
+                new = self.pagefile.allocate()
+                self._pages_added += 1
+                if opened:
+                    ops.append((tail_lid, Op.IMAGE, op_image(UndoPage(new, bytes(data)))))
+                else:
+                    if data:
+                        ops.append((tail_lid, Op.UNDO_APPEND, _U32.pack(first_offset) + data))
+                    ops.append((tail_lid, Op.UNDO_SETNEXT, _U64.pack(new)))
+                tail_lid, offset, data, opened = new, 0, bytearray(), True
+            ptr = (tail_lid << 16) | offset
+            ptrs.append(ptr)
+            at = len(data)
+            data += record
+            _U64.pack_into(data, at + _TXN_PREV_AT, chain)
+            chain = ptr
+            offset += len(record)
+        if opened:
+            ops.append((tail_lid, Op.IMAGE, op_image(UndoPage(0, bytes(data)))))
+            ops.append((self.header, Op.IMAGE, op_image(UndoHeader(hdr.head, tail_lid))))
+        elif data:
+            ops.append((tail_lid, Op.UNDO_APPEND, _U32.pack(first_offset) + data))
+        return ptrs
 
     @staticmethod
     def plan_mark_undone(ptr: int, ops: list[PageOp]) -> None:

@@ -206,6 +206,28 @@ def backup_mid_workload(run: Run) -> None:
     run.close(db)
 
 
+def bulk_put_many(run: Run) -> None:
+    """tx.put_many: 150 new rows in one transaction (runs that pack leaves
+    and open undo pages inside one log record; a value too big for a cell
+    among them takes overflow pages), then a batch rolled back to a
+    savepoint and an update batch over old and new rows, committed."""
+    db = run.open()
+    first = {row(i): blob(60, i) for i in range(150)}
+    first[row(75)] = blob(2000, "overflow")
+    tx = db.begin()
+    tx.put_many(first.items())
+    run.commit(tx.commit, first)
+    tx = db.begin()
+    sp = tx.savepoint()
+    tx.put_many((row(i), b"never") for i in range(0, 150, 3))
+    tx.rollback_to(sp)
+    second = {row(i): blob(40, ("update", i)) for i in range(100, 200)}
+    tx.put_many(second.items())
+    run.commit(tx.commit, second)
+    run.note("tree", db._check_structures())
+    run.close(db)
+
+
 SMALL = {b"a": b"a1", b"b": b"b1", b"c": blob(600, "c0")}
 WORKLOADS = {
     w.name: w
@@ -219,6 +241,7 @@ WORKLOADS = {
                  {b"acct-a": b"100", b"acct-b": b"100"}),
         Workload("one_mib_value", one_mib_value, {b"small": b"1"}),
         Workload("backup_mid_workload", backup_mid_workload, {b"a": b"a1"}),
+        Workload("bulk_put_many", bulk_put_many, {}),
     ]
 }
 
@@ -239,6 +262,7 @@ DEFAULT_LIMITS = {
     "prepare_then_commit_prepared_after_reopen": Limits(nested_every=6),
     "one_mib_value": Limits(points=20, plans=9, nested_every=20, nested_points=12),
     "backup_mid_workload": Limits(plans=48, nested_every=15),
+    "bulk_put_many": Limits(plans=32, nested_every=30),
 }
 SOAK_LIMITS = {
     **{name: Limits(nested_every=5, nested_plans=6) for name in DEFAULT_LIMITS},
@@ -345,6 +369,8 @@ def test_the_workloads_do_what_their_names_say():
     assert finished("one_mib_value").notes["tree"]["overflow_pages"] >= 256
     assert finished("prepare_then_commit_prepared_after_reopen").prepared_writes.keys() == {b"xfer-1", b"audit-1"}
     assert finished("backup_mid_workload").backups
+    tree = finished("bulk_put_many").notes["tree"]
+    assert tree["leaves"] >= 4 and tree["overflow_pages"] >= 1 and tree["undo_records"] >= 250, tree
     for name in WORKLOADS:
         run = finished(name)
         assert run.durable == run.acked, f"{name}: the close should make every event durable"
