@@ -164,6 +164,7 @@ WORK_FAILPOINTS = [
     ("wal.after_write", 60, None),
     ("wal.before_fsync", 60, None),
     ("wal.after_fsync", 60, None),
+    ("wal.before_preallocate_fsync", 2, None),
     ("pages.before_flip_fsync", 4, "checkpoints"),
     ("pages.before_meta_write", 4, "checkpoints"),
     ("pages.before_meta_fsync", 4, "checkpoints"),

@@ -17,7 +17,15 @@ visible image at once and is appended to one ordered *pending list*:
 
 F1. ``File.fsync()`` makes all pending writes and truncates of that file
     durable, in order, and takes them off the pending list.  It does not make
-    the file's *name* durable.
+    the file's *name* durable.  ``File.fdatasync()`` does exactly the same:
+    the model holds no file metadata but the size, and Linux's fdatasync
+    flushes the size whenever it changed (a grown or truncated file), so the
+    two differ only in what they cost on a real disk.  An fdatasync passes
+    every gate as an ``fsync`` -- ``fail("fsync")`` fails it (with E2's
+    consequences), hooks see ``Event.kind == "fsync"``, it counts in
+    ``counts["fsync"]`` and is an fsync I/O point -- so a test that watches
+    or fails fsyncs sees it; ``Event.datasync`` and ``counts["fdatasync"]``
+    tell it apart.
 F2. ``fsync_dir(d)`` makes the pending creates, mkdirs, removes and renames
     in ``d`` durable.  A rename belongs to its *destination* directory: it
     becomes durable (both halves: new name present, old name gone) when the
@@ -83,10 +91,11 @@ E1. ``fs.fail(op, nth=..., every=..., errno_=...)`` makes the nth matching raw
     after it) raise ``OSError(errno_)``.  ``op="any"`` matches every kind
     that can fail: write, read, truncate, fsync, fsync_dir, create, open,
     mkdir, rename, remove.  A failed call changes nothing, except:
-E2. A failed ``fsync`` drops the file's pending writes and truncates from the
-    durable path for good: they leave the pending list and never become
-    durable, though reads still see them.  The next fsync reports success.
-    This is why the engine must never retry an fsync (S3).
+E2. A failed ``fsync`` (or ``fdatasync``) drops the file's pending writes
+    and truncates from the durable path for good: they leave the pending
+    list and never become durable, though reads still see them.  The next
+    fsync reports success.  This is why the engine must never retry an
+    fsync (S3).
 E3. A failed ``fsync_dir`` leaves the name operations pending: a later power
     cut may keep or drop them, and a later ``fsync_dir`` may make them durable.
 E4. ``fs.short_write(nth, nbytes)`` makes the nth raw write write only
@@ -241,6 +250,7 @@ class Event:
     ``offset``/``data``: a write (``data`` as it will be written, after any
     short write).  ``length``: bytes written, or a truncate's new size.
     ``ops``: for fsync and fsync_dir, the pending ops about to become durable.
+    ``datasync``: the fsync is an ``fdatasync`` (F1).
     """
 
     kind: str
@@ -250,6 +260,7 @@ class Event:
     length: int | None = None
     dst: str | None = None
     ops: tuple[Op, ...] = ()
+    datasync: bool = False
 
 
 @dataclass(eq=False)
@@ -414,6 +425,9 @@ class FaultFile(File):
     def _fsync(self) -> None:
         self._fs._file_fsync(self)
 
+    def _fdatasync(self) -> None:
+        self._fs._file_fsync(self, datasync=True)
+
     def _truncate(self, size: int) -> None:
         self._fs._file_truncate(self, size)
 
@@ -448,7 +462,7 @@ class FaultFS(FileSystem):
 
     def __init__(self, seed: int = 0, dirs: Iterable[str] = ()) -> None:
         self.seed = seed
-        self.counts: Counter[str] = Counter()  # raw calls by kind
+        self.counts: Counter[str] = Counter()  # raw calls by kind (an fdatasync: "fsync" and "fdatasync")
         self.io_points = 0  # I/O points passed so far
         self._mu = threading.RLock()
         self._next_ino = 0
@@ -917,11 +931,11 @@ class FaultFS(FileSystem):
                 raise _oserror(errno.ENOTDIR, path)
             self._make_durable(node, "fsync_dir", norm)
 
-    def _make_durable(self, home: _Inode, kind: str, path: str) -> None:
+    def _make_durable(self, home: _Inode, kind: str, path: str, datasync: bool = False) -> None:
         """Apply and unqueue the pending ops of ``home`` (F1, F2).  A file is
         home only to writes and truncates, a directory only to name ops."""
         mine = [op for op in self._pending if op._home is home]
-        self._hook(Event(kind, path, ops=tuple(mine)))
+        self._hook(Event(kind, path, ops=tuple(mine), datasync=datasync))
         for op in mine:
             self._apply(op, lambda ino: ino.durable, lambda ino: ino.durable_names)
         chosen = set(map(id, mine))
@@ -1006,15 +1020,18 @@ class FaultFS(FileSystem):
             self._apply(op, lambda ino: ino.data, lambda ino: ino.names)
             self._push(op)
 
-    def _file_fsync(self, f: FaultFile) -> None:
+    def _file_fsync(self, f: FaultFile, datasync: bool = False) -> None:
+        """``fsync``, or ``fdatasync`` when ``datasync``: the same (F1)."""
         with self._mu:
             node = self._open_file(f, "fsync", io=True)
+            if datasync:
+                self.counts["fdatasync"] += 1
             try:
                 self._inject("fsync", f.path)
             except OSError:  # E2: the kernel forgets the dirty data for good
                 self._pending = [op for op in self._pending if not (op._home is node and op.kind in DATA_OPS)]
                 raise
-            self._make_durable(node, "fsync", f.path)
+            self._make_durable(node, "fsync", f.path, datasync)
 
     def _file_close(self, f: FaultFile) -> None:
         with self._mu:

@@ -329,6 +329,8 @@ def _describe(k: Known) -> Known:
         data, lsn, pos = k.files[name], k.segment_first(name), SEGMENT_HEADER_SIZE
         while pos < len(data):
             rec = decode_record(data, pos, lsn)
+            if rec is None and not data[pos:].strip(b"\0"):
+                break  # the preallocated zeros after the last record
             assert rec is not None, f"the known store's log does not decode at {name}+{pos}"
             k.records.append(Rec(name, pos, lsn, rec.size, rec.type, rec.txid, rec.durable_lsn))
             if rec.type == RecordType.COMMIT:
@@ -559,7 +561,7 @@ def _close_changes(opened: dict[str, bytes], closed: dict[str, bytes]) -> str:
     if closed.get(PAGE_FILE) != opened.get(PAGE_FILE):
         return "changed the page file"
     for name, data in opened.items():
-        if parse_segment_name(name) is not None and not closed.get(name, b"").startswith(data):
+        if parse_segment_name(name) is not None and not closed.get(name, b"").startswith(data.rstrip(b"\0")):
             return f"changed or removed {name}"
     return ""
 
@@ -701,6 +703,8 @@ def permitted_cut(k: Known, files: dict[str, bytes]) -> dict[bytes, bytes] | Non
         diff = next((i for i in range(min(len(orig), len(new))) if orig[i] != new[i]), min(len(orig), len(new)))
         if diff >= len(orig):
             return k.model  # bytes appended after the end: garbage past the log
+        if all(r.offset + r.size <= diff for r in k.records if r.name == last):
+            return k.model  # a change in the preallocated zeros after the last record
         rec = next(r for r in k.records if r.name == last and r.offset <= diff < r.offset + r.size)
         cut_lsn = rec.lsn
     if cut_lsn < k.checkpoint_lsn:

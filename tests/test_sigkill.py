@@ -79,6 +79,7 @@ FAILPOINTS = [
     ("wal.after_write", 40, None),
     ("wal.before_fsync", 40, None),
     ("wal.after_fsync", 40, None),
+    ("wal.before_preallocate_fsync", 2, None),
     ("pages.before_flip_fsync", 6, "checkpoints"),
     ("pages.before_meta_write", 6, "checkpoints"),
     ("pages.before_meta_fsync", 6, "checkpoints"),

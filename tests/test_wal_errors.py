@@ -25,7 +25,7 @@ import textwrap
 import pytest
 
 from kvstore import reliability
-from pages.faultfs import DropAll, FaultFS, GrownNotWritten
+from pages.faultfs import DropAll, FaultFS, Torn
 from pages.fs import OsFileSystem
 from wal import NO_LSN, ClosedError, CorruptionError, PoisonedError, RecordType, WriteAheadLog, failpoints
 from wal.format import MAX_PAYLOAD, SEGMENT_HEADER_SIZE, decode_record, decode_segment_header, parse_segment_name
@@ -227,7 +227,7 @@ def test_failed_tail_cut_raises_from_open_and_a_later_open_cuts_it():
     log.close()
     path = log.segments()[0].path
     f = fs.open(path)
-    f.pwrite(f.size(), b"\x00" * 100)  # a torn tail to cut
+    f.pwrite(f.size(), b"\x5a" * 100)  # a torn tail to cut (zeros alone would be the preallocated end)
     f.fsync()
     f.close()
     fs.fail("truncate", errno_=errno.EIO)
@@ -400,7 +400,7 @@ def test_wal_reaches_its_named_failpoints():
     names = [
         "wal.after_append", "wal.after_write", "wal.before_fsync", "wal.after_fsync",
         "wal.before_roll_fsync", "wal.before_segment_header_fsync", "wal.before_segment_remove",
-        "wal.before_tail_cut_fsync",
+        "wal.before_tail_cut_fsync", "wal.before_preallocate_fsync",
     ]
     for name in names:
         failpoints.arm(name, lambda: None)
@@ -411,10 +411,11 @@ def test_wal_reaches_its_named_failpoints():
         log.flush()
     checkpoint = log.end_lsn
     log.truncate_before(checkpoint)
-    log.append(RecordType.NOOP, 0, b"x")
+    log.append(RecordType.NOOP, 0, random.Random(99).randbytes(1500))
     log.flush(sync=False)
-    torn = GrownNotWritten(len(fs.pending()) - 1, "zero")  # the unsynced record: a torn tail to cut
+    torn = Torn(len(fs.pending()) - 1, 1, "zero")  # the unsynced record, over preallocated zeros: a torn tail to cut
     log = open_log(fs.crash(torn), durable_lsn=checkpoint)
+    log.append(RecordType.NOOP, 0, b"y")  # (into the zeros the cut left none of)
     log.close()
     assert {n: failpoints.hits(n) for n in names if failpoints.hits(n) == 0} == {}
 

@@ -216,11 +216,16 @@ def test_lsns_are_byte_positions_and_records_never_span_segments():
     log, keys = write_log(fs, noops(60, 300), segment_size=4096, flush_every=7)
     recs = list(log.records())
     assert all(a.end == b.lsn for a, b in pairwise(recs))
-    for seg in log.segments():
+    segs = log.segments()
+    for seg in segs:
         inside = [r for r in recs if seg.first_lsn <= r.lsn < seg.end_lsn]
         assert inside and inside[0].lsn == seg.first_lsn and inside[-1].end == seg.end_lsn
         data = fs.visible_bytes(seg.path)
-        assert len(data) == SEGMENT_HEADER_SIZE + seg.end_lsn - seg.first_lsn
+        used = SEGMENT_HEADER_SIZE + seg.end_lsn - seg.first_lsn
+        if seg is segs[-1]:  # the segment being written: preallocated zeros after the records (L7)
+            assert len(data) >= used and not data[used:].strip(b"\0")
+        else:  # cut to its records before the next one was created (L2)
+            assert len(data) == used
         assert seg.end_lsn - seg.first_lsn < 4096 + 400  # rolls once past segment_size
         assert os.path.basename(seg.path) == segment_name(seg.first_lsn)
     log.close()
@@ -352,11 +357,19 @@ def test_group_commit_batches_fsyncs_on_the_real_file_system(tmp_path):
 
 
 def built_log(n=5, size=150, segment_size=16 * 2**20, flush_every=1, seed=0):
-    """A closed log on a FaultFS; returns (files, keys)."""
+    """A closed log on a FaultFS, its last segment ending at its last record
+    (as a store's clean close leaves it, L8 of wal.writer: no preallocated
+    zeros); returns (files, keys)."""
     fs = new_fs()
     log, keys = write_log(fs, noops(n, size, seed), segment_size=segment_size, flush_every=flush_every)
     log.close()
-    return fs.durable_snapshot(), keys
+    return without_zeros(fs.durable_snapshot(), log), keys
+
+
+def without_zeros(files: dict[str, bytes], log) -> dict[str, bytes]:
+    """``files`` with the preallocated zeros after the last record cut off."""
+    last = log.segments()[-1]
+    return {**files, last.path: files[last.path][: SEGMENT_HEADER_SIZE + last.end_lsn - last.first_lsn]}
 
 
 @pytest.mark.parametrize("segments", [1, 3], ids=["one-segment", "three-segments"])
@@ -391,7 +404,7 @@ def test_truncated_trailing_record_is_cut_on_the_real_file_system(tmp_path):
     log.close()
     (name,) = os.listdir(tmp_path)
     path = tmp_path / name
-    data = path.read_bytes()
+    data = path.read_bytes()[: SEGMENT_HEADER_SIZE + log.end_lsn]  # without the preallocated zeros
     start = SEGMENT_HEADER_SIZE + keys[-1][0]
     for cut in range(start + 1, len(data)):
         path.write_bytes(data[:cut])
@@ -401,8 +414,11 @@ def test_truncated_trailing_record_is_cut_on_the_real_file_system(tmp_path):
         assert path.read_bytes() == data[:start]
 
 
-@pytest.mark.parametrize("tail", [b"\x00" * 4096, b"\xff" * 37, b"garbage" * 100], ids=["zeros", "ones", "garbage"])
+@pytest.mark.parametrize(
+    "tail", [b"\x00" * 4096 + b"\x01", b"\xff" * 37, b"garbage" * 100], ids=["zeros-then-junk", "ones", "garbage"]
+)
 def test_junk_after_the_last_record_is_cut(tail):
+    """(Zeros alone are the preallocated end and stay: test_wal_prealloc.py.)"""
     files, keys = built_log()
     (path,) = files
     fs = fs_with({path: files[path] + tail})
@@ -577,12 +593,17 @@ def test_renamed_segment_raises():
 
 
 def test_stale_segment_put_back_raises():
-    """An old, shorter copy of a middle segment (a lost write of the file)
-    leaves a gap before the next segment."""
+    """An old copy of a middle segment (a lost write of the file) leaves a
+    gap before the next segment -- or, taken while the segment was being
+    written, ends in preallocated zeros, which a segment with a successor
+    never has (L2)."""
     files, _, stale = four_segments()
     second = sorted(files)[1]
-    assert len(stale) < len(files[second])
-    assert_refused_unchanged(fs_with({**files, second: stale}), match="gap")
+    assert stale != files[second]
+    assert_refused_unchanged(fs_with({**files, second: stale}), match="gap|synced before")
+    shorter = stale.rstrip(b"\0")  # the same copy without its zeros: the gap
+    assert len(shorter) < len(files[second])
+    assert_refused_unchanged(fs_with({**files, second: shorter}), match="gap")
 
 
 def test_overlapping_stale_segment_raises():

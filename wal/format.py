@@ -43,11 +43,24 @@ Record (36-byte header + payload)::
 
 Validity rule: a record at LSN x is valid when its header lies within the
 segment, its magic and type are known, its payload lies within the segment and
-the checksum matches.  The first invalid record ends the readable log.  It is
-a *torn tail* (cut off on open, with everything after it) unless something
-proves it was durable: a later valid record whose ``durable_lsn`` exceeds x,
-or a later segment (a segment is fsynced before the next one is created).
-Then it is *damage*, and open raises CorruptionError without writing.
+the checksum matches.  The first invalid record ends the readable log.  If
+it and every byte after it to the end of the file are zero, it is the
+*preallocated end*: the writer extends the segment it writes with zeros
+ahead of its records (``wal.writer``, L7), and a record is never all zeros
+(its magic is not).  That is the clean end of the log and is kept.
+Otherwise it is a *torn tail* (cut off on open, with everything after it)
+unless something proves it was durable: a later valid record whose
+``durable_lsn`` exceeds x, or a later segment (a segment is cut to its
+records and fsynced before the next one is created).  Then it is *damage*,
+and open raises CorruptionError without writing; zeros are damage there too.
+
+Worked example of a segment file being written (``sync="full"``)::
+
+    [header 64][record A][record B][zeros ...............]   end of log: B's end
+    [header 64][record A][rec|zeros .....................]   torn tail: cut at A's end
+    [header 64][zeros ...][record C][zeros ..............]   torn tail, unless C's
+                                                             durable_lsn proves the
+                                                             zeros were a durable record
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """What a failed fsync leaves behind, and how the next open undoes it.
 
-When ``fsync`` fails, Linux reports the error once and marks the file's dirty
-pages clean: the data may never reach the disk, yet the page cache still
-shows it, and a later fsync of the same file succeeds without writing it.  A
-store that is reopened in the same boot (no power cut in between) would read
-that tail, treat it as durable, append after it and fsync -- and a power cut
-then leaves a hole below records it acknowledged.
+When ``fsync`` (or ``fdatasync``) fails, Linux reports the error once and
+marks the file's dirty pages clean: the data may never reach the disk, yet
+the page cache still shows it, and a later fsync of the same file succeeds
+without writing it.  A store that is reopened in the same boot (no power cut
+in between) would read that tail, treat it as durable, append after it and
+fsync -- and a power cut then leaves a hole below records it acknowledged.
 
 So a failed fsync of a database file leaves a marker next to it,
 ``<name>.fsync-failed``.  The marker is an empty file whose name is all it
@@ -41,10 +41,15 @@ _CHUNK = 1 << 20
 log = logging.getLogger("kvstore")
 
 
-def fsync(fs: Any, f: Any, path: str) -> None:
-    """``f.fsync()``; if it fails, leave the marker for ``path`` and raise."""
+def fsync(fs: Any, f: Any, path: str, *, datasync: bool = False) -> None:
+    """``f.fsync()`` (``f.fdatasync()`` if ``datasync``); if it fails, leave
+    the marker for ``path`` and raise.  A failed fdatasync leaves the page
+    cache exactly as a failed fsync does, so it is marked alike."""
     try:
-        f.fsync()
+        if datasync:
+            f.fdatasync()
+        else:
+            f.fsync()
     except OSError:
         note(fs, path)
         raise

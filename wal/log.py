@@ -57,8 +57,11 @@ class WriteAheadLog(LogWriter):
         ``durable_lsn`` is an LSN the caller knows was durable (the checkpoint
         LSN of the page file): the log must reach it, and a bad record below
         it is damage.  A torn tail is cut off (the last segment truncated to
-        its last good record, fsynced); damage raises CorruptionError and
-        writes nothing.
+        its last good record, fsynced); zeros after the last record are the
+        space the writer preallocated (L7 of ``wal.writer``) and stay, for
+        the writer to go on over; damage raises CorruptionError and writes
+        nothing.  A store's clean close leaves no zeros (L8), so in the
+        common case open reads no more than the records.
 
         Raises TypeError/ValueError for bad arguments, CorruptionError for a
         damaged, foreign or incomplete log.

@@ -1,21 +1,28 @@
 """Reading the log: finding its valid end on open, and iterating records.
 
 ``inspect_log`` reads every segment of a log directory without writing and
-decides where the log ends.  It keeps the two cases of ``wal.format``'s
+decides where the log ends.  It keeps the three cases of ``wal.format``'s
 validity rule apart:
 
+* **Preallocated end** (the clean end of the log): the last segment's
+  records are followed by nothing but zeros, up to the end of the file --
+  the space the writer preallocated and had not yet used (L7 of
+  ``wal.writer``).  Nothing is cut: the writer goes on over the zeros.
+  Zeros are never a record (its magic is not zero); a torn record followed
+  by zeros is not all zeros, and is the next case.
 * **Torn tail** (a power cut tore, dropped or reordered unsynced writes): the
   first bad record of the *last* segment, when no later valid record states a
   durable LSN beyond it and the caller knows of nothing durable beyond it.
   The returned ``LogState.cut`` says how to cut it off; ``WriteAheadLog.open``
   carries that out.  A last segment whose header never became durable (the
   file is no longer than a header) is a torn creation and is removed.
-* **Damage** (the record had been durable): a bad record in a segment that is
-  followed by another one (segments are fsynced before the next is created,
-  invariant L2 of ``wal.writer``), a bad record that a later record proves
-  durable, a bad header on a segment with records, a foreign, renamed,
-  overlapping or missing segment.  ``inspect_log`` raises CorruptionError
-  naming the file and LSN; nothing has been written.
+* **Damage** (the record had been durable): a bad record -- zeros included --
+  in a segment that is followed by another one (segments are cut to their
+  records and fsynced before the next is created, invariant L2 of
+  ``wal.writer``) or below the caller's durable LSN, a bad record that a
+  later record proves durable, a bad header on a segment with records, a
+  foreign, renamed, overlapping or missing segment.  ``inspect_log`` raises
+  CorruptionError naming the file and LSN; nothing has been written.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class LogState:
     end_lsn: int = 0
     cut: list[tuple[Any, ...]] = field(default_factory=list)
     torn_lsn: int | None = None  # LSN of the torn record, if one was cut
+    zero_tail: int = 0  # bytes of preallocated zeros after the last record (not cut)
 
     @property
     def first_lsn(self) -> int | None:
@@ -129,20 +137,30 @@ def inspect_log(fs: Any, directory: str, db_id: bytes, *, known_durable: int = 0
                 raise CorruptionError(where, "bad record in a segment that was synced before the next one was created")
             if lsn < known_durable:
                 raise CorruptionError(where, f"bad record below the checkpoint LSN {known_durable}, which was durable")
-            proof = _find_durability_proof(data, pos, first, lsn)
-            if proof is not None:
-                raise CorruptionError(
-                    where,
-                    f"bad record was durable: the valid record at LSN {proof.lsn} states the log was durable to {proof.durable_lsn}",
-                )
-            # Branch 2 -- torn tail: the unsynced end of the log; cut it off.
-            state.cut.append(("truncate", path, pos))
-            state.torn_lsn = lsn
+            if _all_zeros(data, pos):
+                # Branch 3 -- the preallocated end: zeros up to the end of the
+                # file are space the writer had not used yet (L7); keep them.
+                state.zero_tail = size - pos
+            else:
+                proof = _find_durability_proof(data, pos, first, lsn)
+                if proof is not None:
+                    raise CorruptionError(
+                        where,
+                        f"bad record was durable: the valid record at LSN {proof.lsn} states the log was durable to {proof.durable_lsn}",
+                    )
+                # Branch 2 -- torn tail: the unsynced end of the log; cut it off.
+                state.cut.append(("truncate", path, pos))
+                state.torn_lsn = lsn
         state.segments.append(Segment(path, first, lsn))
     state.end_lsn = state.segments[-1].end_lsn if state.segments else 0
     if state.segments and state.end_lsn < known_durable:
         raise CorruptionError(directory, f"log ends at LSN {state.end_lsn}, before the durable LSN {known_durable}")
     return state
+
+
+def _all_zeros(data: bytes, pos: int) -> bool:
+    """Whether ``data[pos:]`` is all zero bytes (without copying it)."""
+    return data.count(0, pos) == len(data) - pos
 
 
 def _find_durability_proof(data: bytes, bad_pos: int, first_lsn: int, bad_lsn: int) -> Record | None:
