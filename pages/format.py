@@ -36,7 +36,7 @@ Meta page (slot 0 or 1; only the first 256 bytes are used)::
         48    4 u32   page-table root slot
         52    4 u32   page-table root crc
         56    4 u32   page-table depth (levels of page-table pages)
-        60    4 u32   slots in the file at this generation
+        60    4 u32   one past the highest slot the image references
         64    8 u64   logical ids in use (highest id + 1)
         72  184 bytes application area: roots and counters of the layers
                       above (B+tree root, rollback segment, next txid, ...)

@@ -31,15 +31,38 @@ P2. No write ever goes to a slot the durable meta references, directly or
 P3. A meta page is written only after every page and page-table page it
     references is durable (the fsync before it).
 P4. A slot freed by a flip is reused only after that flip's meta is durable.
+P5. Truncation cuts off free slots only: never a slot that the durable
+    image, a flip in flight or the current table references.
 
 Free space is derived, not stored: on open, every slot that the durable page
 table does not reference is free.  (ARCHITECTURE.md keeps a free-space map in
 the meta; deriving it cannot disagree with the page table, and costs one pass
-over the table, which open reads anyway.)
+over the table, which open reads anyway.)  The meta records the slot count
+of its image (one past the highest slot it references); open takes the
+larger of that and the file's length, so slots written after the flip, or a
+tail a crash kept from being cut, are free too.
+
+Compaction gives free space back to the file system, as SQLite's
+incremental vacuum does.  Shadow paging leaves free slots wherever the old
+copies of rewritten pages lived, and the file never shrinks below its
+highest used slot.  ``compaction_plan`` finds the smallest slot count E such
+that the pages living at E or beyond, plus every page-table page a flip may
+write, fit into the free slots below E; ``relocate`` copies each such page's
+bytes, checked, into the lowest free slot (the crc covers the logical id,
+not the slot, so the copy is valid as it is); ``mark_tail_page_table`` has
+the flip rewrite page-table pages that live at E or beyond.  Then an
+ordinary flip makes the new places durable -- relocated pages are written
+like any other, to free slots (P2), and their old slots are released like
+any superseded copy, so they are free only once that flip is durable (P4) --
+and the flip's shrink cuts the free tail (P5); ``sync_cut`` makes the cut
+durable.  A crash anywhere leaves the old image or the new one, each whole:
+the data is the same in both, only where pages live differs.  Who calls it,
+and when, is the checkpointer's business (``recovery/checkpointer.py``).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import struct
@@ -100,6 +123,8 @@ class PageFile:
         self._flip: FlipState | None = None  # a flip in flight (between phases 1 and 3)
         self.pages_written = 0
         self.pages_read = 0
+        self.pages_relocated = 0
+        self._cut_unsynced = False  # a truncate no fsync has covered yet
 
     # --- create and open --------------------------------------------------
 
@@ -146,6 +171,13 @@ class PageFile:
         f = fs.open(path)
         try:
             meta, slot, damage = cls._read_metas(f, path)
+            if damage and meta.nslots * meta.page_size > f.size():
+                # The newest meta is damaged and the older one's image reaches
+                # past the end of the file: a compaction cut it (P5 frees only
+                # what the newer image no longer needs).
+                raise CorruptionError(
+                    path, f"a meta page is damaged ({damage}) and the other meta's image is no longer whole (the file was shortened after it)"
+                )
             self = cls(fs, path, f, meta, slot)
             #: why a meta page was passed over, if one was (for error messages)
             self.meta_damage = damage
@@ -370,9 +402,7 @@ class PageFile:
             raise RuntimeError("a flip is already in progress")
         fanout = self._fanout
         nlids = len(self._slot)
-        depth = 1
-        while fanout**depth < nlids:
-            depth += 1
+        depth = self._pt_depth_for(nlids)
         dirty = set(self._pt_dirty)
         same_shape = depth == self.meta.pt_depth
         if not same_shape:
@@ -407,12 +437,17 @@ class PageFile:
         except BaseException:
             self._free_slots.update(state.written)
             raise
-        state.nslots = self._nslots
         image = set(self._slot)
         image.discard(0)
         for pt_level in new_pt:
             image.update(s for s, _ in pt_level.values())
         state.image = image
+        # The meta records how far its image reaches, not how long the file
+        # happens to be: after the flip cuts the free tail (P5), or a
+        # compaction moved pages down, a reopen must not count slots beyond
+        # the end of the file as free.  (Open takes the file's length when
+        # that is larger: pages written since the flip live there.)
+        state.nslots = max(image) + 1
         self._pt_dirty.clear()
         self._flip = state
         return state
@@ -475,7 +510,9 @@ class PageFile:
         return {"pt_pages_written": len(state.written), "slots_freed": len(release), "slots_truncated": shrunk}
 
     def _shrink(self) -> int:
-        """Cut free slots off the end of the file."""
+        """Cut free slots off the end of the file (P5: free slots only).  The
+        cut is durable with the next fsync (``sync_cut``, or the next flip's);
+        until then a crash may keep the tail, which open finds free."""
         top = self._nslots
         free = self._free_slots
         while top > _META_SLOTS and free and free[-1] == top - 1:
@@ -486,9 +523,21 @@ class PageFile:
             self._nslots = top
             try:
                 self._file.truncate(top * self.page_size)
+                self._cut_unsynced = True
             except OSError as e:  # harmless: the tail is free either way
                 log.warning("page file: could not shrink %s: %s", self.path, e)
         return cut
+
+    def sync_cut(self) -> bool:
+        """fsync the page file if a cut (``_shrink``) is not durable yet, so
+        the space is given back for good; return whether it did.  A failure
+        poisons the page file (S3: never retried)."""
+        if not self._cut_unsynced:
+            return False
+        if self._poison is not None:
+            raise self._poison
+        self._fsync()
+        return True
 
     def _fsync(self) -> None:
         try:
@@ -496,6 +545,119 @@ class PageFile:
         except OSError as e:
             self._poison = PoisonedError(f"fsync of {self.path} failed; the page file is read-only until reopened: {e}", e)
             raise self._poison from e
+        self._cut_unsynced = False
+
+    # --- compaction ----------------------------------------------------------------
+
+    @property
+    def nslots(self) -> int:
+        """Slots in the file, the two meta slots included."""
+        return self._nslots
+
+    def _pt_depth_for(self, nlids: int) -> int:
+        """Levels of page-table pages a table of ``nlids`` ids needs."""
+        depth = 1
+        while self._fanout**depth < nlids:
+            depth += 1
+        return depth
+
+    def _pt_pages_at_most(self) -> int:
+        """How many page-table pages a flip of the current table can write
+        (all of them: every level of the radix tree, full)."""
+        count, total = len(self._slot), 0
+        for _level in range(self._pt_depth_for(len(self._slot))):
+            count = -(-count // self._fanout)
+            total += count
+        return total
+
+    def reclaimable_at_most(self) -> int:
+        """An upper bound on what ``compaction_plan`` can give back, in O(1):
+        the slots beyond the metas, the pages and the page-table pages a flip
+        may write (the plan's end is never below their sum)."""
+        pages = len(self._slot) - 1 - len(self._free_lids) - len(self._allocated)  # ids with a slot
+        return max(0, self._nslots - _META_SLOTS - pages - self._pt_pages_at_most())
+
+    def compaction_plan(self) -> tuple[int, list[int]]:
+        """Where the file could end, and which pages must move for that.
+
+        Returns ``(end, lids)``: ``end`` is the smallest slot count such that
+        the pages now living in slots at or beyond it (``lids``, farthest
+        first) and every page-table page a flip may write fit into the free
+        slots below it.  ``end == nslots`` and no lids when nothing can be
+        given back (or a flip is in flight, or the file is poisoned).  What
+        ends up cut may be a few slots short of ``end`` (a page-table page
+        the flip frees below it leaves a hole).  O(n log n) in the pages.
+        Caller holds the latch.
+        """
+        if self._poison is not None or self._flip is not None:
+            return self._nslots, []
+        pages = sorted((s, lid) for lid, s in enumerate(self._slot) if s)
+        slots = [s for s, _ in pages]
+        extra = self._pt_pages_at_most()
+        free = self._free_slots
+
+        def fits(end: int) -> bool:
+            # (free below end) >= (pages at or beyond end) + page-table pages;
+            # the left side grows with end and the right side shrinks
+            return int(free.bisect_left(end)) >= len(slots) - bisect.bisect_left(slots, end) + extra
+
+        lo, hi = _META_SLOTS, self._nslots
+        if not fits(hi):
+            return self._nslots, []
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        first = bisect.bisect_left(slots, lo)
+        return lo, [lid for _s, lid in reversed(pages[first:])]
+
+    def relocate(self, lid: int, end: int) -> bool:
+        """Move page ``lid`` from its slot at or beyond ``end`` to the lowest
+        free slot, if that lies below ``end``; return whether it moved.
+
+        The page's bytes are copied as they are, after the validity rule of
+        ``pages.format`` passes (CorruptionError naming page and slot if it
+        does not: damage is reported, never copied).  The copy goes to a free
+        slot (P2); the old slot is released like any superseded copy, so if
+        the durable image uses it, it is free only after the next flip (P4).
+        OSError from the write leaves the page where it was.  Caller holds
+        the latch.
+        """
+        if self._poison is not None:
+            raise self._poison
+        old = self._slot[lid] if 0 < lid < len(self._slot) else 0
+        if old < end or not self._free_slots or self._free_slots[0] >= end:
+            return False
+        data = self._read_slot(old)
+        decode_page(data, lid, self._crc[lid], f"{self.path} page {lid} (slot {old}), being relocated")
+        slot: int = self._free_slots.pop(0)
+        assert slot not in self._durable_slots, "P2"
+        try:
+            self._file.pwrite(slot * self.page_size, data)
+        except OSError:
+            self._free_slots.add(slot)
+            raise
+        self.pages_relocated += 1
+        self._slot[lid] = slot
+        self._release_slot(old)
+        self._pt_dirty.add(lid // self._fanout)
+        return True
+
+    def mark_tail_page_table(self, end: int) -> int:
+        """Have the next flip rewrite every page-table page of the durable
+        image that lives at or beyond ``end`` (its copy goes to the lowest
+        free slot; its parents are rewritten with it).  Returns how many were
+        marked.  Caller holds the latch."""
+        marked = 0
+        for level, pages in enumerate(self._pt_pages):
+            span = self._fanout**level
+            for index, (slot, _crc) in pages.items():
+                if slot >= end:
+                    self._pt_dirty.add(index * span)  # its first level-0 descendant
+                    marked += 1
+        return marked
 
     # --- inspection ------------------------------------------------------------
 
@@ -514,6 +676,7 @@ class PageFile:
             "generation": self.meta.generation,
             "pages_written": self.pages_written,
             "pages_read": self.pages_read,
+            "pages_relocated": self.pages_relocated,
         }
 
     def _check(self) -> None:

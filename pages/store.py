@@ -115,6 +115,43 @@ class PageStore:
         result["pages_written"] = written
         return result
 
+    def compact(self, min_gain: int = 1, extra: bytes | None = None) -> dict[str, int]:
+        """Give the page file's free tail back to the file system.
+
+        Moves the pages that live beyond where the file could end into free
+        slots lower down, flips (at the durable image's checkpoint LSN: the
+        pages' contents are unchanged, only where they live), cuts the free
+        tail off and fsyncs.  Does nothing, and writes nothing, unless at
+        least ``min_gain`` slots would go.  ``extra``: the meta's area for
+        the layer above (default: as the durable meta has it).  Returns
+        ``pages_relocated`` and ``slots_truncated``.  A crash at any point
+        leaves the old image or the new one (``pages.pagefile``, P2-P5).
+
+        This is the whole protocol in one call, for a caller that owns the
+        store; the checkpointer runs the same steps with the engine latch
+        held only around the parts that need it.
+
+        >>> import tempfile, uuid
+        >>> from pages.fs import OsFileSystem
+        >>> from wal.log import WriteAheadLog
+        >>> fs, d, db_id = OsFileSystem(), tempfile.mkdtemp(), uuid.uuid4().bytes
+        >>> wal = WriteAheadLog.open(fs, d, db_id)
+        >>> store = PageStore.create(fs, d, db_id, wal)
+        >>> store.compact()  # a fresh store has no free tail
+        {'pages_relocated': 0, 'slots_truncated': 0}
+        """
+        pagefile = self.pagefile
+        end, lids = pagefile.compaction_plan()
+        if pagefile.nslots - end < max(1, min_gain):
+            return {"pages_relocated": 0, "slots_truncated": 0}
+        moved = sum(pagefile.relocate(lid, end) for lid in lids)
+        pagefile.mark_tail_page_table(end)
+        app = self.app_area(self.app_extra if extra is None else extra)
+        self.wal.flush()  # the table may reflect records not yet durable (P1 for the page table)
+        result = pagefile.flip(pagefile.meta.checkpoint_lsn, app)
+        pagefile.sync_cut()
+        return {"pages_relocated": moved, "slots_truncated": result["slots_truncated"]}
+
     def redo(self, from_lsn: int | None = None) -> dict[str, int]:
         """Replay every PAGE_REDO record from ``from_lsn`` (default: the
         image's checkpoint LSN) to the end of the log."""

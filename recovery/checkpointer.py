@@ -10,8 +10,11 @@ Protocol (``Checkpointer.checkpoint``)::
            is durable; flush the log for the rest              (no latch)
     latch: phase 1 of the flip -- the page-table image, slots reserved
     fsync, meta naming B as the checkpoint LSN, fsync          (no latch)
-    latch: phase 3 of the flip -- free what only the old image used
+    latch: phase 3 of the flip -- free what only the old image used,
+           and cut a free tail off the page file (durable with the next fsync)
     delete WAL segments wholly below B; CHECKPOINT_END
+    compact, if that gives back enough (below)
+    close's checkpoint: fsync the page file if a cut is not durable yet
 
 Why it is correct: restart redoes from B, applying a record only where page
 LSN < record LSN.  Every page is in the image as of some moment after B, or
@@ -27,6 +30,37 @@ guarantee 5).
 Triggers: every ``interval`` seconds, and whenever ``wal_bytes`` of log have
 been written since the last checkpoint (a background thread polls both), by
 ``db.checkpoint()`` and at ``close()``.
+
+Compaction (``compact``) gives the page file's free tail back, as SQLite's
+incremental vacuum does: shadow paging leaves the old copies of rewritten
+pages as free slots, anywhere in the file, and the file only shrinks by a
+free tail.  So::
+
+    latch: plan -- the smallest end E the pages fit below (``PageFile.compaction_plan``)
+    repeat, in batches of 64 under short latch holds:
+           copy each page living at E or beyond into the lowest free slot
+    latch: phase 1 of a flip (page-table pages living at E or beyond rewritten too)
+    flush the log; fsync, meta naming the durable image's checkpoint LSN B, fsync
+    latch: phase 3 -- the old slots are free now (P4), the free tail is cut (P5)
+    fsync the page file: the cut is durable
+
+It logs nothing: no page changes, only where pages live.  The meta it writes
+names the same B as the checkpoint before it, and is correct for the same
+reason a checkpoint's is -- every page in the image is as of some moment
+after B -- so restart from it is the same restart.  A crash anywhere leaves
+the previous image or the new one, each whole (P2-P5 of ``pages.pagefile``).
+
+When: after every checkpoint, once cutting would give back at least
+``CLOSE_MIN_GAIN`` of the file's slots for the last checkpoint of a session
+(the one ``close()`` runs: with the latch held, after ``stop()``), and
+``AUTO_MIN_GAIN`` for any other (so a store that shrank -- deletes, purged
+undo pages -- gives the space back while it runs, but a store whose pages are
+rewritten at every checkpoint does not move them all twice); never for less
+than ``MIN_GAIN_SLOTS``.  ``compact()`` runs it on demand.  It is an
+optimisation: an I/O error in it is logged and counted (``compaction_errors``)
+and the checkpoint still returns -- except a failed fsync, which poisons the
+store as always, and damage found in a page it would move, which raises
+CorruptionError (nothing durable has changed then).
 """
 
 from __future__ import annotations
@@ -41,7 +75,7 @@ from collections.abc import Callable
 from typing import Any
 
 from recovery.restart import encode_checkpoint
-from wal.errors import PoisonedError
+from wal.errors import CorruptionError, PoisonedError
 from wal.failpoints import failpoint
 from wal.format import RecordType
 
@@ -50,6 +84,14 @@ log = logging.getLogger("kvstore")
 BATCH = 64
 POLL_SECONDS = 0.05
 STALL_SECONDS = 10.0  # a write stall never lasts longer than this
+
+#: Compact after the last checkpoint of a session once at least this share of
+#: the page file's slots would go ...
+CLOSE_MIN_GAIN = 1 / 16
+#: ... and after any other checkpoint once at least this share would.
+AUTO_MIN_GAIN = 1 / 2
+#: Never compact for fewer slots than this.
+MIN_GAIN_SLOTS = 16
 
 #: table_fn() -> ({txid: (last undo, last LSN, gid or None)}, next txid)
 TableFn = Callable[[], tuple[dict[int, tuple[int, int, bytes | None]], int]]
@@ -91,6 +133,9 @@ class Checkpointer:
         self.stalls = 0  # commits that waited for a checkpoint
         self.errors = 0
         self.last_error: str | None = None
+        self.compactions = 0
+        self.compaction_errors = 0
+        self.slots_given_back = 0
         self.last_seconds = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -100,12 +145,22 @@ class Checkpointer:
 
     def checkpoint(self, latch_held: bool = False) -> dict[str, Any]:
         """Run a checkpoint now; return SPEC's fields (lsn, pages_written,
-        seconds, wal_bytes_truncated).  ``latch_held``: the caller holds the
-        engine latch (open and close), so nothing runs concurrently."""
+        seconds, wal_bytes_truncated), then compact if that would give back
+        enough (module docstring), adding ``pages_relocated`` and
+        ``slots_truncated``.  ``latch_held``: the caller holds the engine
+        latch (open and close), so nothing runs concurrently."""
         with self._mutex:
             self.running = True
             try:
-                return self._run(contextlib.nullcontext() if latch_held else self._latch)
+                latch = contextlib.nullcontext() if latch_held else self._latch
+                result = self._run(latch)
+                with self._done:
+                    self._done.notify_all()  # the log is cut: stalled commits may go on
+                final = latch_held and self._stop.is_set()  # close's checkpoint
+                result.update(self._compact_quietly(latch, CLOSE_MIN_GAIN if final else AUTO_MIN_GAIN))
+                if final:
+                    self._store.pagefile.sync_cut()  # no later flip will make the file's last cut durable
+                return result
             except BaseException as e:
                 self.errors += 1
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -174,6 +229,81 @@ class Checkpointer:
         self.count += 1
         log.debug("kvstore: checkpoint at LSN %d: %d pages, %.3f s, %d WAL bytes removed", begin, written, seconds, truncated)
         return {"lsn": begin, "pages_written": written, "seconds": seconds, "wal_bytes_truncated": truncated}
+
+    # --- compaction ----------------------------------------------------------------
+
+    def compact(self, latch_held: bool = False, min_gain: float = CLOSE_MIN_GAIN) -> dict[str, int]:
+        """Give the page file's free tail back now, if that would cut at
+        least ``min_gain`` of its slots (and ``MIN_GAIN_SLOTS``); return
+        ``pages_relocated`` and ``slots_truncated`` (both 0 when it did
+        nothing, and then it wrote nothing).  Errors as in the module
+        docstring.  ``latch_held`` as for ``checkpoint``."""
+        with self._mutex:
+            self.running = True
+            try:
+                return self._compact_quietly(contextlib.nullcontext() if latch_held else self._latch, min_gain)
+            except BaseException as e:
+                if self._on_error is not None:
+                    self._on_error(e)
+                raise
+            finally:
+                self.running = False
+                with self._done:
+                    self._done.notify_all()
+
+    def _compact_quietly(self, latch: Any, min_gain: float) -> dict[str, int]:
+        """``_compact``, with an I/O error that poisons nothing logged and
+        counted instead of raised: the store is as it was, or compacted."""
+        try:
+            return self._compact(latch, min_gain)
+        except (PoisonedError, CorruptionError):
+            self.compaction_errors += 1
+            raise
+        except OSError as e:
+            self.compaction_errors += 1
+            log.warning("kvstore: compaction of %s failed, the page file stays as it was: %s", self._store.pagefile.path, e)
+            return {"pages_relocated": 0, "slots_truncated": 0}
+
+    def _compact(self, latch: Any, min_gain: float) -> dict[str, int]:
+        """The protocol of the module docstring.  Caller holds ``_mutex``."""
+        store, wal = self._store, self._wal
+        pagefile = store.pagefile
+        with latch:
+            nslots = pagefile.nslots
+            wanted = max(MIN_GAIN_SLOTS, nslots * min_gain)
+            if pagefile.reclaimable_at_most() < wanted:  # O(1): the usual case
+                return {"pages_relocated": 0, "slots_truncated": 0}
+            end, lids = pagefile.compaction_plan()
+        if nslots - end < wanted:
+            return {"pages_relocated": 0, "slots_truncated": 0}
+        shared = latch is self._latch
+        moved = 0
+        for at in range(0, len(lids), BATCH):
+            with latch:
+                for lid in lids[at : at + BATCH]:
+                    moved += pagefile.relocate(lid, end)  # skips a page a writer moved meanwhile
+            if shared:
+                time.sleep(0)  # hand the latch over (see _run)
+        failpoint("recovery.compact_before_flip")
+        with latch:
+            pagefile.mark_tail_page_table(end)
+            state = pagefile.begin_flip()
+            app = store.app_area(self._extra_fn())
+        try:
+            wal.flush()  # as in _run: the table may reflect records not yet durable
+            pagefile.flip_io(state, pagefile.meta.checkpoint_lsn, app)
+        except BaseException:
+            with latch:
+                pagefile.abort_flip(state)
+            raise
+        with latch:
+            cut = pagefile.complete_flip(state)["slots_truncated"]
+        failpoint("recovery.compact_before_sync")
+        pagefile.sync_cut()  # the cut is durable (a failure poisons, S3)
+        self.compactions += 1
+        self.slots_given_back += cut
+        log.debug("kvstore: compacted %s: %d pages moved, %d slots cut", pagefile.path, moved, cut)
+        return {"pages_relocated": moved, "slots_truncated": cut}
 
     # --- the background trigger ------------------------------------------------
 
