@@ -48,6 +48,7 @@ _OVERFLOW = 0x04
 UNDONE = 0x08  # set by rollback (UNDO_MARK): the change was undone, its value restored
 WROTE_VALUE = 0x10  # the change wrote a value (no delete mark for purge to remove)
 _TXN_PREV_AT = 12  # offset of txn_prev within a record
+_FREES_PER_RECORD = 4096  # undo pages freed per log record by a purge
 _FLAGS_AT = 36  # offset of the flags byte within a record
 
 _REC = struct.Struct("<IQQQQBH")
@@ -314,26 +315,35 @@ class RollbackSegment:
 
     def free_pages_before(self, keep: Callable[[list[UndoRecord]], bool]) -> int:
         """Free whole pages from the head while ``keep(records of the page)``
-        is false; the tail page always stays.  Returns pages freed (logged)."""
-        freed = 0
-        self.pool.begin_op()
-        try:
-            hdr: UndoHeader = self.pool.get(self.header)
-            head = hdr.head
-            ops: list[PageOp] = []
-            while head != hdr.tail:
-                page: UndoPage = self.pool.get(head)
-                if keep(page.records(head)):
-                    break
-                ops.append((head, Op.FREE, b""))
-                head = page.next
-                freed += 1
-            if ops:
-                ops.append((self.header, Op.IMAGE, op_image(UndoHeader(head, hdr.tail))))
+        is false; the tail page always stays.  Returns pages freed (logged).
+
+        The pages are read without caching them (``BufferPool.peek``) and
+        outside a pool operation, which would pin every page it touches until
+        it ends: pages read only to be freed would push the working set out.
+        The frees are logged in records of at most ``_FREES_PER_RECORD`` ops
+        (a record's op count is 16 bits), each moving the head past its pages.
+        """
+        hdr: UndoHeader = self.pool.get(self.header)
+        head = hdr.head
+        lids: list[int] = []
+        while head != hdr.tail:
+            page: UndoPage = self.pool.peek(head)
+            if keep(page.records(head)):
+                break
+            lids.append(head)
+            head = page.next
+        for start in range(0, len(lids), _FREES_PER_RECORD):
+            chunk = lids[start : start + _FREES_PER_RECORD]
+            new_head = lids[start + len(chunk)] if start + len(chunk) < len(lids) else head
+            self.pool.begin_op()
+            try:
+                tail = self.pool.get(self.header).tail
+                ops: list[PageOp] = [(lid, Op.FREE, b"") for lid in chunk]
+                ops.append((self.header, Op.IMAGE, op_image(UndoHeader(new_head, tail))))
                 redo.apply_live(self.pool, self.pagefile, self._log, ops)
-        finally:
-            self.pool.end_op()
-        return freed
+            finally:
+                self.pool.end_op()
+        return len(lids)
 
     def _check(self) -> int:
         """Raise on a broken chain or undecodable record; return records seen."""

@@ -233,3 +233,37 @@ def test_delete_marked_keys_are_removed_once_no_snapshot_sees_them(tmp_path):
         assert db._check_structures()["keys"] == 1
         assert sizes(db)["pages"] <= empty_pages + 2, (empty_pages, full_pages, sizes(db))
         assert list(db.scan()) == [(b"keep", b"199")]
+
+
+def test_a_purge_of_many_undo_pages_logs_its_frees_in_bounded_records(tmp_path, monkeypatch):
+    """A log record holds at most 65,535 page ops, so a purge that frees more
+    undo pages than fit in one record (a close after a load of millions of
+    keys) logs them in several, each moving the head past its own pages.
+    The bound is shrunk to 3 here, so 20-odd pages take several records."""
+    from pages import rollback_segment
+
+    monkeypatch.setattr(rollback_segment, "_FREES_PER_RECORD", 3)
+    db = kvstore.open(tmp_path / "db", checkpoint_interval=float("inf"))
+    with db.transaction() as tx:
+        tx.put_many((b"k%06d" % i, b"v" * 40) for i in range(2000))
+    store = db._store
+    records: list[int] = []
+    log_ops = store.undo._log
+
+    def counting_log(ops):
+        frees = sum(1 for _, op, _ in ops if op == rollback_segment.Op.FREE)
+        if frees:
+            records.append(frees)
+            store._check()  # the chain is whole between the records too (the latch is held)
+        return log_ops(ops)
+
+    monkeypatch.setattr(store.undo, "_log", counting_log)
+    before = len(store.undo.pages())
+    db.purge()
+    freed = before - len(store.undo.pages())
+    assert freed >= 20 and sum(records) == freed, (freed, records)
+    assert max(records) <= 3 and len(records) >= freed // 3
+    assert db.check()["ok"]
+    db.close()
+    with kvstore.open(tmp_path / "db") as db:
+        assert db.check()["ok"] and sum(1 for _ in db.scan()) == 2000
