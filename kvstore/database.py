@@ -402,13 +402,16 @@ class Database:
             try:
                 # No checkpoint when it would change nothing, or when damage was
                 # seen: reading a damaged store must leave it as it was.
-                if self._poison is None and not self._damaged and not self._clean_since_open():
-                    assert self._wal is not None
-                    # No snapshot outlives the close (prepared ones excepted):
-                    # give back the undo pages, so the file can shrink.
-                    self._purge_locked(max_pages=1 << 30)
-                    self._wal.start_segment()  # the checkpoint then removes every older segment
-                    self._checkpointer.checkpoint(latch_held=True)
+                if self._poison is None and not self._damaged:
+                    if not self._clean_since_open():
+                        assert self._wal is not None
+                        # No snapshot outlives the close (prepared ones excepted):
+                        # give back the undo pages, so the file can shrink.
+                        self._purge_locked(max_pages=1 << 30)
+                        self._wal.start_segment()  # the checkpoint then removes every older segment
+                        self._checkpointer.checkpoint(latch_held=True)  # the last one: it compacts too
+                    else:
+                        self._checkpointer.compact(latch_held=True)  # nothing to checkpoint: still give a free tail back
             finally:
                 self._closed = True
                 self._release_files()
@@ -1193,6 +1196,8 @@ class Database:
             return {
                 **self._stats,
                 "checkpoints": self._checkpointer.count,
+                "compactions": self._checkpointer.compactions,
+                "slots_given_back": self._checkpointer.slots_given_back,
                 "last_checkpoint_seconds": self._checkpointer.last_seconds,
                 "last_checkpoint_lsn": self._checkpointer.last_lsn,
                 "last_checkpoint_time": self._checkpointer.last_wall_time,
