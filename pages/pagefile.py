@@ -347,6 +347,16 @@ class PageFile:
         data: bytes = self._file.pread(slot * self.page_size, self.page_size)
         return data
 
+    def _pwrite_slot(self, slot: int, data: bytes) -> None:
+        """Write a page image to ``slot``, just taken from the free slots
+        (never a durable one: P2); if the write fails, the slot is free again."""
+        assert slot not in self._durable_slots, "P2"
+        try:
+            self._file.pwrite(slot * self.page_size, data)
+        except OSError:
+            self._free_slots.add(slot)
+            raise
+
     def write_page(self, lid: int, ptype: int, page_lsn: int, body: bytes) -> None:
         """Write page ``lid`` to a free slot (never a durable one: P2) and point
         the current page table at it.  The caller has flushed the log to
@@ -357,12 +367,7 @@ class PageFile:
             raise ValueError(f"page {lid} is not allocated")
         data, crc = encode_page(self.page_size, ptype, page_lsn, lid, body)
         slot = self._take_slot()
-        assert slot not in self._durable_slots, "P2"
-        try:
-            self._file.pwrite(slot * self.page_size, data)
-        except OSError:
-            self._free_slots.add(slot)
-            raise
+        self._pwrite_slot(slot, data)
         self.pages_written += 1
         old = self._slot[lid]
         self._slot[lid] = slot
@@ -633,12 +638,7 @@ class PageFile:
         data = self._read_slot(old)
         decode_page(data, lid, self._crc[lid], f"{self.path} page {lid} (slot {old}), being relocated")
         slot: int = self._free_slots.pop(0)
-        assert slot not in self._durable_slots, "P2"
-        try:
-            self._file.pwrite(slot * self.page_size, data)
-        except OSError:
-            self._free_slots.add(slot)
-            raise
+        self._pwrite_slot(slot, data)
         self.pages_relocated += 1
         self._slot[lid] = slot
         self._release_slot(old)
