@@ -821,12 +821,18 @@ class Database:
         (a conflict rolls the transaction back before anything of the batch is
         written), then runs of keys that share a leaf, each in one descent and
         one log record (``BTree.put_run``).  A value too large for a cell
-        goes the way of a single put."""
+        goes the way of a single put, and so does every key of a batch with
+        fewer keys than half the store's pages: its keys would rarely share
+        a leaf, and a run of one costs more than a single put."""
         with self._latch:
             precheck = self._write_precheck
             olds = [precheck(tx, k) for k in keys]
             store = self._store
             assert store is not None
+            if 2 * len(keys) < store.pagefile.nlids:
+                for k, v, old in zip(keys, values, olds, strict=True):
+                    self._write_version(tx, k, v, old, 0)  # poisons the store on a PoisonedError itself
+                return
             tree, undo, txid = store.tree, store.undo, tx.txid
 
             def plan(start: int, end: int, cells: list[Cell | None], ops: list[PageOp]) -> list[Cell]:
