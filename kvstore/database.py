@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 import weakref
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
@@ -46,7 +46,7 @@ from kvstore.transaction import (
     check_key,
 )
 from pages.fs import FileSystem, OsFileSystem
-from pages.node import CELL_OVERHEAD, FLAG_DELETED, Cell, OverflowRef, PageOp, Value, pack_ops
+from pages.node import CELL_OVERHEAD, FLAG_DELETED, Cell, Op, OverflowRef, PageOp, Value, cell_size, encode_cell, pack_ops
 from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
 from pages.rollback_segment import UNDONE, WAS_DELETED, WROTE_VALUE, RollbackSegment, UndoRecord, encode_undo
 from pages.store import PageStore
@@ -69,6 +69,7 @@ LOCK_FILE_NAME = "LOCK"
 SYNC_MODES = ("full", "normal", "off")
 ISOLATION_LEVELS = ("snapshot", "serializable")
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 _EXTRA = struct.Struct("<QQ")  # meta application area: next txid, commits so far
 
 #: Open databases of this process, marked unusable in a forked child.
@@ -782,14 +783,20 @@ class Database:
         if tx.ssi is not None:
             self._ssi_call(tx, self._ssi.on_write, tx.ssi, key)
         if not tx.txid:
-            tx.txid = txid = self._next_txid
-            self._next_txid += 1
-            tx.snapshot.own = txid
-            self._writers[txid] = tx
-            if tx.ssi is not None:
-                tx.ssi.txid = txid
-                self._ssi.by_txid[txid] = tx.ssi
+            self._assign_txid(tx)
         return cell
+
+    def _assign_txid(self, tx: Transaction) -> int:
+        """Give ``tx`` its id, at its first write; return it.  Caller holds
+        the latch."""
+        tx.txid = txid = self._next_txid
+        self._next_txid += 1
+        tx.snapshot.own = txid
+        self._writers[txid] = tx
+        if tx.ssi is not None:
+            tx.ssi.txid = txid
+            self._ssi.by_txid[txid] = tx.ssi
+        return txid
 
     def _conflict(self, tx: Transaction, key: bytes, kind: str, why: str) -> None:
         self._stats["conflicts"] += 1
@@ -813,8 +820,82 @@ class Database:
 
     def _put(self, tx: Transaction, key: bytes, value: bytes) -> None:
         with self._latch:
-            cell = self._write_precheck(tx, key)
-            self._write_version(tx, key, value, cell, 0)
+            if not self._put_in_leaf(tx, key, value):
+                cell = self._write_precheck(tx, key)
+                self._write_version(tx, key, value, cell, 0)
+
+    def _put_in_leaf(self, tx: Transaction, key: bytes, value: bytes) -> bool:
+        """The common put, in one descent and one function: an inline value
+        whose leaf stays within its fill bounds, an undo record that fits the
+        tail undo page, no conflict, no SSI, no ``db.run`` wait line.  It
+        logs the very record ``_write_version`` would (the undo append, then
+        the leaf put) and applies it.  Returns False, having changed nothing
+        but perhaps the transaction's id, when any of that does not hold:
+        the caller takes the general path (``_write_precheck`` and
+        ``_write_version``), which also raises the conflict.  Caller holds
+        the latch."""
+        store = self._store
+        if self._closed or self._poison is not None or store is None or tx.ssi is not None or (self._lines and tx._line is not None):
+            return False
+        tree = store.tree
+        size = CELL_OVERHEAD + len(key) + len(value)
+        if size > tree.max_cell:
+            return False
+        pool = tree.pool
+        pool.begin_op()
+        try:
+            leaf_lid, leaf, is_root = tree.leaf_for_write(key)
+            keys = leaf.keys
+            i = bisect_left(keys, key)
+            old = leaf.cells[i] if i < len(keys) and keys[i] == key else None
+            new_size = leaf.size + size
+            txid = tx.txid
+            if old is not None:
+                new_size -= cell_size(key, old)
+                writer = old[1]
+                if (writer != txid or not writer) and (
+                    writer in self._writers and writer != txid or not tx.snapshot.sees(writer) and not canary.no_write_conflicts
+                ):
+                    return False  # a conflict
+            if not (tree.min_fill <= new_size <= tree.capacity or is_root and new_size <= tree.capacity):
+                return False  # a split or a merge
+            if not txid:
+                txid = self._assign_txid(tx)
+            if old is None:
+                rec = encode_undo(txid, tx.last_undo, 0, 0, WROTE_VALUE, key, None)
+            else:
+                was_deleted = WAS_DELETED if old[0] & FLAG_DELETED else 0
+                rec = encode_undo(txid, tx.last_undo, old[1], old[2], was_deleted | WROTE_VALUE, key, old[3])
+            room = store.undo.tail_room(len(rec))
+            if room is None:
+                return False  # the record opens an undo page
+            tail_lid, tail = room
+            offset = len(tail.data)
+            ptr = (tail_lid << 16) | offset
+            cell = (0, txid, ptr, value)
+            ops: list[PageOp] = [(tail_lid, Op.UNDO_APPEND, _U32.pack(offset) + rec), (leaf_lid, Op.LEAF_PUT, encode_cell(key, cell))]
+            wal = self._wal
+            assert wal is not None
+            try:
+                lsn = wal.append(RecordType.TXN_WRITE, txid, _U64.pack(ptr) + pack_ops(ops), tx.last_lsn)
+            except PoisonedError as e:
+                self._poisoned(e)
+                raise
+            tx.last_lsn = lsn
+            tx.last_undo = ptr
+            tail.data += rec  # apply_undo_op's UNDO_APPEND at the end of the page
+            pool.mark_dirty(tail_lid, tail, lsn)
+            if old is None:
+                keys.insert(i, key)
+                leaf.cells.insert(i, cell)
+            else:
+                leaf.cells[i] = cell
+            leaf.size = new_size
+            pool.mark_dirty(leaf_lid, leaf, lsn)
+            tx.writes += 1
+            return True
+        finally:
+            pool.end_op()
 
     def _put_many(self, tx: Transaction, keys: list[bytes], values: list[bytes]) -> None:
         """Put sorted, distinct ``keys``: every key's conflict checks first

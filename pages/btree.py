@@ -122,6 +122,22 @@ class BTree:
                 hits += 1
             lid = node.children[bisect_right(node.keys, key)]
 
+    def leaf_for_write(self, key: bytes) -> tuple[int, LeafNode, bool]:
+        """(page id, node) of the leaf for ``key``, and whether it is the
+        root: ``_path``'s descent without the path, for a write that will
+        change the leaf alone.  Caller has begun a pool operation, which pins
+        what the descent reads until it ends."""
+        get = self.pool.get
+        lid = self.root
+        node = get(lid)
+        if node.__class__ is not InternalNode:
+            return lid, node, True
+        while True:
+            lid = node.children[bisect_right(node.keys, key)]
+            node = get(lid)
+            if node.__class__ is not InternalNode:
+                return lid, node, False
+
     def get(self, key: bytes) -> Cell | None:
         """The cell stored for ``key``, or None.  Cost: one root-to-leaf descent."""
         leaf = self._leaf(key)

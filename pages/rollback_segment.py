@@ -226,6 +226,18 @@ class RollbackSegment:
         ops.append((self.header, Op.IMAGE, op_image(UndoHeader(hdr.head, new))))
         return new << 16
 
+    def tail_room(self, length: int) -> tuple[int, UndoPage] | None:
+        """(page id, page) of the tail page if a record of ``length`` bytes
+        fits after its records, else None (``plan_append`` would open a
+        page).  For a caller that appends one record in place of
+        ``plan_append``: it logs ``Op.UNDO_APPEND`` at ``len(page.data)``,
+        then applies it.  Caller has begun a pool operation."""
+        tail_lid = self.pool.get(self.header).tail
+        tail: UndoPage = self.pool.get(tail_lid)
+        if len(tail.data) + length <= self.capacity:
+            return tail_lid, tail
+        return None
+
     def plan_append_many(self, records: list[bytes], ops: list[PageOp], chain: int) -> list[int]:
         """``plan_append`` for several records of one transaction in one ops
         list (a run of puts); return their pointers.  The records are linked
