@@ -48,7 +48,7 @@ from kvstore.transaction import (
 from pages.fs import FileSystem, OsFileSystem
 from pages.node import CELL_OVERHEAD, FLAG_DELETED, Cell, Op, OverflowRef, PageOp, Value, cell_size, encode_cell, pack_ops
 from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
-from pages.rollback_segment import UNDONE, WAS_DELETED, WROTE_VALUE, RollbackSegment, UndoRecord, encode_undo
+from pages.rollback_segment import WAS_DELETED, WROTE_VALUE, RollbackSegment, UndoPage, encode_undo
 from pages.store import PageStore
 from recovery.undo import clr_payload, rollback_chain
 from wal import canary, fsync_failure
@@ -1217,16 +1217,13 @@ class Database:
         horizon = self._horizon()
         budget = [max_pages]
 
-        def finished(records: list[UndoRecord]) -> bool:
-            if budget[0] <= 0:
+        def finished(page: UndoPage, lid: int) -> bool:
+            if budget[0] <= 0 or page.newest_txid(lid) >= horizon:
                 return False
-            for r in records:
-                if r.txid >= horizon:
-                    return False
             budget[0] -= 1
-            for r in records:
-                if r.flags & UNDONE:
-                    continue  # undone by a rollback, or already purged before a crash
+            # the records not undone (by a rollback, or by a purge before a
+            # crash) that wrote a delete mark or hold an overflow value
+            for r in page.purge_work(lid):
                 if not r.flags & WROTE_VALUE:  # it may have left a delete mark
                     cell = store.tree.get(r.key)
                     if cell is not None and cell[1] == r.txid and cell[0] & FLAG_DELETED:
@@ -1241,7 +1238,7 @@ class Database:
             return True
 
         try:
-            freed = store.undo.free_pages_before(lambda records: not finished(records))
+            freed = store.undo.free_pages_before(lambda page, lid: not finished(page, lid))
         except PoisonedError as e:
             self._poisoned(e)
             return

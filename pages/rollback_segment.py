@@ -54,6 +54,7 @@ _FLAGS_AT = 36  # offset of the flags byte within a record
 _REC = struct.Struct("<IQQQQBH")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_LEN_TXID = struct.Struct("<IQ")  # a record's length and txid, its first fields
 _OVF = struct.Struct("<QIIBI")
 _HEADER = struct.Struct("<QQ")
 
@@ -114,6 +115,45 @@ class UndoPage:
             rec = _decode_at(data, pos, lid)
             out.append(rec)
             pos += 4 + _U32.unpack_from(data, pos)[0]
+        return out
+
+    def newest_txid(self, lid: int) -> int:
+        """The highest transaction id among the page's records (0 for none),
+        from their headers alone.  Raises CorruptionError, as ``records``
+        does, if a record runs past the page."""
+        data = self.data
+        n = len(data)
+        unpack = _LEN_TXID.unpack_from
+        pos = newest = 0
+        while pos < n:
+            if pos + _REC.size > n:
+                break
+            length, txid = unpack(data, pos)
+            if txid > newest:
+                newest = txid
+            if pos + 4 + length > n:
+                break
+            pos += 4 + length
+        if pos != n:
+            _decode_at(data, pos, lid)  # raises: the record at pos runs past the page
+            raise CorruptionError(f"undo page {lid} offset {pos}", "undo record runs past the page")
+        return newest
+
+    def purge_work(self, lid: int) -> list[UndoRecord]:
+        """The records purge acts on, decoded: those not undone that wrote a
+        delete mark (which purge may remove) or hold an overflow value (whose
+        pages purge frees).  The others are read no further than their
+        flags.  Call ``newest_txid`` first: it checks the records' framing."""
+        out: list[UndoRecord] = []
+        data = self.data
+        n = len(data)
+        unpack = _U32.unpack_from
+        pos = 0
+        while pos < n:
+            flags = data[pos + _FLAGS_AT]
+            if not flags & UNDONE and (not flags & WROTE_VALUE or flags & _OVERFLOW):
+                out.append(_decode_at(data, pos, lid))
+            pos += 4 + unpack(data, pos)[0]
         return out
 
     def __eq__(self, other: object) -> bool:
@@ -325,9 +365,11 @@ class RollbackSegment:
             lid = self.pool.get(lid).next
         return out
 
-    def free_pages_before(self, keep: Callable[[list[UndoRecord]], bool]) -> int:
-        """Free whole pages from the head while ``keep(records of the page)``
-        is false; the tail page always stays.  Returns pages freed (logged).
+    def free_pages_before(self, keep: Callable[[UndoPage, int], bool]) -> int:
+        """Free whole pages from the head while ``keep(page, page id)`` is
+        false; the tail page always stays.  Returns pages freed (logged).
+        ``keep`` reads what it needs of the page (``records``, or the cheaper
+        ``newest_txid`` and ``purge_work``).
 
         The pages are read without caching them (``BufferPool.peek``) and
         outside a pool operation, which would pin every page it touches until
@@ -340,7 +382,7 @@ class RollbackSegment:
         lids: list[int] = []
         while head != hdr.tail:
             page: UndoPage = self.pool.peek(head)
-            if keep(page.records(head)):
+            if keep(page, head):
                 break
             lids.append(head)
             head = page.next

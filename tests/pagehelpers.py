@@ -191,7 +191,7 @@ class Workload:
         else:
             cutoff = txid - rng.randint(0, 40)
             pages = st.undo.pages()
-            freed = st.undo.free_pages_before(lambda recs: any(r.txid >= cutoff for r in recs))
+            freed = st.undo.free_pages_before(lambda page, lid: page.newest_txid(lid) >= cutoff)
             gone = set(pages[:freed])
             undo[:] = [u for u in undo if u[0] >> 16 not in gone]
 

@@ -474,10 +474,10 @@ def test_free_pages_before_frees_whole_head_pages_and_keeps_the_tail():
     for i in range(40):
         store.undo.append(encode_undo(i, 0, 0, 0, 0, b"k", bytes(100)))
     pages = store.undo.pages()
-    freed = store.undo.free_pages_before(lambda recs: any(r.txid >= 20 for r in recs))
+    freed = store.undo.free_pages_before(lambda page, lid: any(r.txid >= 20 for r in page.records(lid)))
     assert 0 < freed < len(pages) and store.undo.pages() == pages[freed:]
     assert all(not store.pagefile.is_allocated(lid) for lid in pages[:freed])
-    assert store.undo.free_pages_before(lambda recs: False) == len(pages) - freed - 1  # the tail stays
+    assert store.undo.free_pages_before(lambda page, lid: False) == len(pages) - freed - 1  # the tail stays
     assert store.undo.pages() == pages[-1:]
     check_store(store)
 

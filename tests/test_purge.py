@@ -267,3 +267,33 @@ def test_a_purge_of_many_undo_pages_logs_its_frees_in_bounded_records(tmp_path, 
     db.close()
     with kvstore.open(tmp_path / "db") as db:
         assert db.check()["ok"] and sum(1 for _ in db.scan()) == 2000
+
+
+def test_purge_reads_of_an_undo_page_match_its_full_decoding():
+    """``UndoPage.newest_txid`` and ``purge_work`` (purge's cheap reads of a
+    page) agree with decoding every record: the highest txid, and exactly
+    the records not undone that wrote a delete mark or hold an overflow
+    value; a record that runs past the page is damage, not data."""
+    from pages.node import OverflowRef
+    from pages.rollback_segment import UNDONE, WAS_DELETED, WROTE_VALUE, UndoPage, encode_undo
+    from wal.errors import CorruptionError
+
+    rng = random.Random(5)
+    for _ in range(200):
+        page = UndoPage()
+        for _ in range(rng.randint(0, 12)):
+            value = rng.choice([None, rng.randbytes(rng.randint(0, 40)), OverflowRef(rng.randint(1, 99), 1000, 900, 0, 7)])
+            flags = rng.choice([0, WROTE_VALUE, WAS_DELETED, WAS_DELETED | WROTE_VALUE])
+            rec = bytearray(encode_undo(rng.randint(1, 10**6), 0, 3, 4, flags, rng.randbytes(rng.randint(1, 20)), value))
+            if rng.random() < 0.3:
+                rec[36] |= UNDONE  # as UNDO_MARK leaves it
+            page.data += rec
+        records = page.records(7)
+        assert page.newest_txid(7) == max((r.txid for r in records), default=0)
+        want = [r for r in records if not r.flags & UNDONE and (not r.flags & WROTE_VALUE or r.value.__class__ is OverflowRef)]
+        assert page.purge_work(7) == want
+        if records:
+            for cut in (1, 5, len(page.data) - records[-1].ptr % 65536 - 1):
+                damaged = UndoPage(0, bytes(page.data[:-cut]))
+                with pytest.raises(CorruptionError, match="undo page 7"):
+                    damaged.newest_txid(7)

@@ -329,8 +329,8 @@ db = kvstore.open(sys.argv[1], sync="full", checkpoint_interval=3600.0)
 original = RollbackSegment.free_pages_before
 
 def free_pages_before(self, keep):
-    def keep_then_die(records):
-        kept = keep(records)
+    def keep_then_die(page, lid):
+        kept = keep(page, lid)
         if not kept:
             # purge has freed this undo page's old overflow values (each its own
             # log record); the page itself would be freed after the loop, in a
