@@ -45,6 +45,7 @@ from kvstore.transaction import (
     Transaction,
     check_key,
 )
+from pages import redo
 from pages.fs import FileSystem, OsFileSystem
 from pages.node import CELL_OVERHEAD, FLAG_DELETED, Cell, Op, OverflowRef, PageOp, Value, cell_size, encode_cell, pack_ops
 from pages.pagefile import PAGE_FILE_NAME, TMP_SUFFIX, PageFile
@@ -826,10 +827,11 @@ class Database:
 
     def _put_in_leaf(self, tx: Transaction, key: bytes, value: bytes) -> bool:
         """The common put, in one descent and one function: an inline value
-        whose leaf stays within its fill bounds, an undo record that fits the
-        tail undo page, no conflict, no SSI, no ``db.run`` wait line.  It
-        logs the very record ``_write_version`` would (the undo append, then
-        the leaf put) and applies it.  Returns False, having changed nothing
+        whose leaf stays within its fill bounds, no conflict, no SSI, no
+        ``db.run`` wait line.  It logs the very record ``_write_version``
+        would (the undo record's ops, then the leaf put) and applies it; a
+        record that fits the tail undo page is appended to it in place.
+        Returns False, having changed nothing
         but perhaps the transaction's id, when any of that does not hold:
         the caller takes the general path (``_write_precheck`` and
         ``_write_version``), which also raises the conflict.  Caller holds
@@ -867,24 +869,34 @@ class Database:
                 was_deleted = WAS_DELETED if old[0] & FLAG_DELETED else 0
                 rec = encode_undo(txid, tx.last_undo, old[1], old[2], was_deleted | WROTE_VALUE, key, old[3])
             room = store.undo.tail_room(len(rec))
-            if room is None:
-                return False  # the record opens an undo page
-            tail_lid, tail = room
-            offset = len(tail.data)
-            ptr = (tail_lid << 16) | offset
+            ops: list[PageOp]
+            if room is not None:
+                tail_lid, tail = room
+                offset = len(tail.data)
+                ptr = (tail_lid << 16) | offset
+                ops = [(tail_lid, Op.UNDO_APPEND, _U32.pack(offset) + rec)]
+            else:  # the record opens an undo page (one put in a page's worth)
+                ops = []
+                ptr = store.undo.plan_append(rec, ops)
             cell = (0, txid, ptr, value)
-            ops: list[PageOp] = [(tail_lid, Op.UNDO_APPEND, _U32.pack(offset) + rec), (leaf_lid, Op.LEAF_PUT, encode_cell(key, cell))]
+            ops.append((leaf_lid, Op.LEAF_PUT, encode_cell(key, cell)))
             wal = self._wal
             assert wal is not None
             try:
                 lsn = wal.append(RecordType.TXN_WRITE, txid, _U64.pack(ptr) + pack_ops(ops), tx.last_lsn)
-            except PoisonedError as e:
-                self._poisoned(e)
+            except BaseException as e:
+                if room is None:
+                    tree.release_planned(ops)  # the page it allocated
+                if isinstance(e, PoisonedError):
+                    self._poisoned(e)
                 raise
             tx.last_lsn = lsn
             tx.last_undo = ptr
-            tail.data += rec  # apply_undo_op's UNDO_APPEND at the end of the page
-            pool.mark_dirty(tail_lid, tail, lsn)
+            if room is not None:
+                tail.data += rec  # apply_undo_op's UNDO_APPEND at the end of the page
+                pool.mark_dirty(tail_lid, tail, lsn)
+            else:
+                redo.apply_logged(pool, store.pagefile, ops[:-1], lsn)
             if old is None:
                 keys.insert(i, key)
                 leaf.cells.insert(i, cell)
@@ -1080,7 +1092,8 @@ class Database:
             raise
         with self._latch:
             self._writers.pop(tx.txid, None)
-            self._writer_done.notify_all()
+            if self._lines:  # only db.run waits on _writer_done, from a wait line
+                self._writer_done.notify_all()
             self._finish_commit(tx)
             self._stats["commits"] += 1
             self._commits_since_purge += 1

@@ -325,12 +325,12 @@ class BTree:
             return fn(log_once)
         except BaseException:
             if not logged[0]:
-                self._release_planned(ops)
+                self.release_planned(ops)
             raise
         finally:
             self.pool.end_op()
 
-    def _release_planned(self, ops: list[PageOp]) -> None:
+    def release_planned(self, ops: list[PageOp]) -> None:
         """An operation failed before its record was logged (a read whose
         eviction could not write, say): give back the page ids its plan
         allocated -- pages that are neither written nor cached -- so none is

@@ -105,7 +105,7 @@ def encode_page(page_size: int, ptype: int, page_lsn: int, lid: int, body: bytes
     head = PAGE_HEADER.pack(0, ptype, page_lsn, lid, len(body))
     pad = page_size - PAGE_HEADER_SIZE - len(body)
     rest = head[4:] + body + bytes(pad)
-    crc = crc32c.crc32c(rest, value=lid & 0xFFFFFFFF)
+    crc = crc32c.crc32c(rest, lid & 0xFFFFFFFF)
     return struct.pack("<I", crc) + rest, crc
 
 
@@ -118,7 +118,7 @@ def decode_page(data: bytes, lid: int, expect_crc: int | None, where: str) -> tu
     if len(data) < PAGE_HEADER_SIZE:
         raise CorruptionError(where, f"short page: {len(data)} bytes")
     crc, ptype, page_lsn, stored_lid, length = PAGE_HEADER.unpack_from(data)
-    if crc32c.crc32c(data[4:], value=lid & 0xFFFFFFFF) != crc and not canary.skip_checksum:
+    if crc32c.crc32c(data[4:], lid & 0xFFFFFFFF) != crc and not canary.skip_checksum:
         raise CorruptionError(where, "page checksum mismatch (torn, bit-flipped or misplaced page)")
     if stored_lid != lid:
         raise CorruptionError(where, f"slot holds logical page {stored_lid}, expected {lid} (misdirected write)")

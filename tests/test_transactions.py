@@ -1659,3 +1659,87 @@ def test_serializable_failure_names_the_victims_role(tmp_path):
         message = str(caught.value)
         assert "pivot has already committed or prepared" in message and "is the pivot" not in message, message
         db.commit_prepared(b"gid-pivot")
+
+
+# --- the one-descent put (Database._put_in_leaf) ---------------------------------------
+
+
+def _mixed_writes(db: kvstore.Database) -> None:
+    """Puts (new keys, updates, rewrites of a transaction's own key, puts
+    over delete marks, overflow values) and deletes, enough to split leaves
+    and open undo pages."""
+    rng = random.Random(3)
+    keys = [b"k%03d" % i for i in range(150)]
+    for _ in range(80):
+        with db.transaction() as tx:
+            for _ in range(rng.randint(1, 8)):
+                if rng.random() < 0.2:
+                    tx.delete(rng.choice(keys))
+                else:
+                    size = 3000 if rng.random() < 0.05 else rng.randint(0, 120)  # now and then an overflow value
+                    tx.put(rng.choice(keys), rng.randbytes(size))
+
+
+def _logged_writes(db: kvstore.Database) -> list[tuple[int, int, bytes]]:
+    from wal.format import RecordType
+
+    wal = db._wal
+    wal.flush()
+    return [(r.type, r.txid, r.payload) for r in wal.records(wal.segments()[0].first_lsn) if r.type in (RecordType.TXN_WRITE, RecordType.COMMIT)]
+
+
+def test_the_one_descent_put_logs_what_the_general_path_logs(tmp_path, monkeypatch):
+    """The fast path writes the very log records (undo ops, then the leaf
+    put) and the same contents as _write_precheck + _write_version, record
+    for record, over a history that takes both paths."""
+    from kvstore.database import Database
+
+    fast_path = Database._put_in_leaf
+    taken = []
+
+    def counting(self, tx, key, value):
+        done = fast_path(self, tx, key, value)
+        taken.append(done)
+        return done
+
+    monkeypatch.setattr(Database, "_put_in_leaf", counting)
+    fast = kvstore.open(str(tmp_path / "fast"), checkpoint_interval=3600.0)
+    _mixed_writes(fast)
+    assert taken.count(True) > 200 and taken.count(False) > 5  # both paths ran
+    monkeypatch.setattr(Database, "_put_in_leaf", lambda self, tx, key, value: False)
+    slow = kvstore.open(str(tmp_path / "slow"), checkpoint_interval=3600.0)
+    _mixed_writes(slow)
+    assert _logged_writes(fast) == _logged_writes(slow)
+    assert list(fast.scan()) == list(slow.scan())
+    fast.close()
+    slow.close()
+
+
+def test_a_put_whose_log_append_fails_gives_back_the_undo_page_it_opened(path, monkeypatch):
+    """A put whose undo record opens an undo page allocates the page before
+    it logs; when the append fails (the log is poisoned) the page id is
+    given back, not left allocated without content."""
+    from pages.rollback_segment import encode_undo
+    from wal.errors import PoisonedError
+
+    db = kvstore.open(path, sync="off")
+    store = db._store
+    with db.transaction() as tx:
+        tx.put(b"k", b"0123456789")
+    tx = db.begin()
+    length = len(encode_undo(1, 1, 1, 1, 0, b"k", b"0123456789"))
+    while store.undo.tail_room(length) is not None:
+        tx.put(b"k", b"0123456789")
+    undo_pages = store.undo.pages()
+
+    def fail(*args, **kwargs):
+        raise PoisonedError("the log failed (injected)", OSError(5, "EIO"))
+
+    monkeypatch.setattr(db._wal, "append", fail)
+    with pytest.raises(PoisonedError):
+        tx.put(b"k", b"0123456789")
+    pf = store.pagefile
+    assert [lid for lid in range(1, pf.nlids) if pf.is_allocated(lid) and not pf.has_image(lid) and store.pool.cached(lid) is None] == []
+    assert store.undo.pages() == undo_pages
+    monkeypatch.undo()
+    db.close()

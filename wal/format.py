@@ -221,7 +221,7 @@ def encode_record(
     b'hello'
     """
     header = RECORD_HEADER.pack(RECORD_MAGIC, rtype, flags, len(stored), txid, prev_lsn, durable_lsn)
-    crc = crc32c.crc32c(header, value=crc32c.crc32c(_LSN.pack(lsn), value=payload_crc))
+    crc = crc32c.crc32c(header, crc32c.crc32c(_LSN.pack(lsn), payload_crc))
     return b"".join((_CRC.pack(crc), header, stored))
 
 
@@ -244,7 +244,7 @@ def decode_record(buf: bytes | memoryview, offset: int, lsn: int) -> Record | No
         return None
     stored = bytes(buf[end_header:end])
     check = crc32c.crc32c(
-        bytes(buf[offset + 4 : end_header]), value=crc32c.crc32c(_LSN.pack(lsn), value=crc32c.crc32c(stored))
+        bytes(buf[offset + 4 : end_header]), crc32c.crc32c(_LSN.pack(lsn), crc32c.crc32c(stored))
     )
     if check != crc:
         return None

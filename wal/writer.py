@@ -173,7 +173,11 @@ class LogWriter:
         self.segment_size = segment_size
         self.sync = sync
         self._compress_threshold = compress_threshold
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # _cond's lock; ``with self._lock`` where no wait or notify follows
+        # skips Condition.__enter__/__exit__ (Python calls) on every append
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0  # threads in _wait (guarded by _cond)
         last = segments[-1]
         # guarded by self._cond:
         self._next_lsn = last.end_lsn  # LSN the next append gets
@@ -248,8 +252,7 @@ class LogWriter:
         if not 0 <= txid <= _U64_MAX or not 0 <= prev_lsn <= _U64_MAX:
             raise ValueError(f"txid and prev_lsn must be unsigned 64-bit integers, got {txid!r}, {prev_lsn!r}")
         stored, flags, pcrc = prepare_payload(payload, self._compress_threshold)
-        cond = self._cond
-        with cond:
+        with self._lock:
             if self._poison is not None:
                 raise self._poison
             if self._closed:
@@ -296,8 +299,7 @@ class LogWriter:
         wait for an fsync.  Raises PoisonedError if this or an earlier I/O
         failed (L4).
         """
-        cond = self._cond
-        with cond:
+        with self._lock:
             if lsn is not None and lsn >= self._next_lsn:
                 raise ValueError(f"LSN {lsn} has not been appended (the log ends at {self._next_lsn})")
             target = self._next_lsn if lsn is None else lsn + 1
@@ -308,11 +310,11 @@ class LogWriter:
                     raise self._poison
                 if self._written_lsn < target:
                     if self._io_busy:
-                        cond.wait()
+                        self._wait()
                     else:
                         self._lead_write()
                 elif self._syncing:
-                    cond.wait()  # it may cover us; if not, the next one will
+                    self._wait()  # it may cover us; if not, the next one will
                 else:
                     self._lead_sync()
 
@@ -396,13 +398,23 @@ class LogWriter:
                 self._durable_lsn = target
             self._finish_io(error, "fsync")
 
+    def _wait(self) -> None:
+        """Wait on ``_cond`` for an I/O to finish.  Caller holds it.  The
+        count lets an I/O with nobody waiting skip ``notify_all``."""
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
+
     def _finish_io(self, error: BaseException | None, what: str) -> None:
         """Wake the waiters; after a failure, poison and raise.  Caller holds
         self._cond."""
         if error is not None and self._poison is None:
             self._poison = PoisonedError(f"write-ahead log {what} failed, the log is read-only until reopened: {error}", error)
             self._poison.__cause__ = error
-        self._cond.notify_all()
+        if self._waiting:
+            self._cond.notify_all()
         if error is not None:
             if not isinstance(error, OSError):
                 raise error  # e.g. KeyboardInterrupt: the log is poisoned all the same
@@ -434,7 +446,8 @@ class LogWriter:
         with self._cond:
             if lsn > self._written_lsn:
                 self._written_lsn = lsn
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
     def _write_chunk(self, chunk: list[bytes], lsn: int) -> int:
         """Write ``chunk`` at ``lsn`` into the segment being written, over
@@ -612,7 +625,7 @@ class LogWriter:
             with self._cond:
                 self._closed = True
                 while self._io_busy or self._syncing:
-                    self._cond.wait()
+                    self._wait()
             self._file.close()
 
 
