@@ -923,8 +923,10 @@ class Database:
             store = self._store
             assert store is not None
             if 2 * len(keys) < store.pagefile.nlids:
+                put_in_leaf = self._put_in_leaf
                 for k, v, old in zip(keys, values, olds, strict=True):
-                    self._write_version(tx, k, v, old, 0)  # poisons the store on a PoisonedError itself
+                    if not put_in_leaf(tx, k, v):
+                        self._write_version(tx, k, v, old, 0)  # poisons the store on a PoisonedError itself
                 return
             tree, undo, txid = store.tree, store.undo, tx.txid
 
