@@ -153,20 +153,22 @@ class BTree:
         ``own`` (visible to the snapshot without its undo chain); None when
         the key has no cell; otherwise (a delete mark, an overflow value, a
         version the snapshot may not see) the cell, for the caller to resolve.
-        The descent is ``_leaf``'s, inlined: this is the hottest path."""
+        The descent is ``_leaf``'s, inlined: this is the hottest path.  It
+        stamps no frame: a read runs outside any pool operation, so a stamp
+        would pin nothing (``BufferPool._evict`` pins only during one)."""
         pool = self.pool
         frames = pool._frames
+        find = frames.get
         lid = self.root
         hits = 0
         while True:
-            frame = frames.get(lid)
+            frame = find(lid)
             if frame is None:
                 node = pool.get(lid)
                 if node.__class__ is not InternalNode:
                     pool.hits += hits
                     break
             else:
-                frame.stamp = pool._op
                 node = frame.node
                 if node.__class__ is not InternalNode:
                     frames.move_to_end(lid)
