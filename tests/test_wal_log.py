@@ -803,3 +803,65 @@ def test_explicit_flush_is_durable_in_every_sync_mode():
         log.flush(lsn)
         assert [r.payload for r in durable_records(fs)] == [mode.encode()]
         log.close()
+
+
+def test_an_io_end_wakes_only_the_flushes_it_lets_go_on():
+    """``LogWriter._wake``: at an I/O's end, the gates of the sleeping
+    flushes whose record is written (durable, for a sync flush) open, and
+    so does the first one needing each idle stage (it leads it); the rest
+    sleep on.  With one condition and ``notify_all``, every committer woke
+    at every I/O's end."""
+    log = open_log(new_fs())
+    saved = log._written_lsn, log._durable_lsn
+    try:
+        with log._cond:
+            log._written_lsn, log._durable_lsn = 200, 100
+            cases = [
+                ("durable", 90, True), ("written", 150, False), ("no target (close)", 0, False),
+                ("first to need an fsync", 150, True), ("second to need an fsync", 180, True),
+                ("first to need a write", 250, False), ("second to need a write", 300, True),
+            ]
+            gates = {}
+            for name, target, sync in cases:
+                gates[name] = gate = threading.Lock()
+                gate.acquire()
+                log._sleepers.append((target, sync, gate))
+            log._wake()
+            woken = {name for name, gate in gates.items() if gate.acquire(blocking=False)}
+            assert woken == {"durable", "written", "no target (close)", "first to need an fsync", "first to need a write"}
+            assert [(t, s) for t, s, _ in log._sleepers] == [(180, True), (300, True)]
+            # while both stages run, only the satisfied go on
+            log._io_busy = log._syncing = True
+            log._written_lsn = 300
+            log._wake()
+            assert not gates["second to need an fsync"].acquire(blocking=False)
+            assert not gates["second to need a write"].acquire(blocking=False)
+            log._durable_lsn = 300
+            log._wake()
+            assert gates["second to need an fsync"].acquire(blocking=False) and gates["second to need a write"].acquire(blocking=False)
+            assert log._sleepers == []
+            log._io_busy = log._syncing = False
+    finally:
+        log._written_lsn, log._durable_lsn = saved
+    log.close()
+
+
+def test_eight_threads_flushing_at_once_all_return():
+    """No flush is left asleep: eight threads appending and flushing, half
+    of them durably, all finish."""
+    log = open_log(new_fs(3))
+    done = []
+
+    def work(i: int) -> None:
+        for n in range(200):
+            lsn = log.append(RecordType.NOOP, i + 1, b"%d-%d" % (i, n))
+            log.flush(lsn, sync=i % 2 == 0)
+        done.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(done) == list(range(8))
+    log.close()

@@ -177,7 +177,9 @@ class LogWriter:
         # _cond's lock; ``with self._lock`` where no wait or notify follows
         # skips Condition.__enter__/__exit__ (Python calls) on every append
         self._cond = threading.Condition(self._lock)
-        self._waiting = 0  # threads in _wait (guarded by _cond)
+        # callers of flush asleep until an I/O ends: (target, sync, gate);
+        # guarded by _cond (see _wait and _wake)
+        self._sleepers: list[tuple[int, bool, Any]] = []
         last = segments[-1]
         # guarded by self._cond:
         self._next_lsn = last.end_lsn  # LSN the next append gets
@@ -310,11 +312,11 @@ class LogWriter:
                     raise self._poison
                 if self._written_lsn < target:
                     if self._io_busy:
-                        self._wait()
+                        self._wait(target, sync)
                     else:
                         self._lead_write()
                 elif self._syncing:
-                    self._wait()  # it may cover us; if not, the next one will
+                    self._wait(target, sync)  # it may cover us; if not, the next one will
                 else:
                     self._lead_sync()
 
@@ -398,14 +400,59 @@ class LogWriter:
                 self._durable_lsn = target
             self._finish_io(error, "fsync")
 
-    def _wait(self) -> None:
-        """Wait on ``_cond`` for an I/O to finish.  Caller holds it.  The
-        count lets an I/O with nobody waiting skip ``notify_all``."""
-        self._waiting += 1
+    def _wait(self, target: int = 0, sync: bool = False) -> None:
+        """Sleep until an I/O's end lets this caller go on: its record at
+        ``target`` written (or durable, with ``sync``), or a stage it can
+        lead idle (``_wake``); ``target`` 0: at the next I/O's end, whatever
+        it did.  Caller holds ``_cond``, which is released while asleep.
+
+        Each sleeper has a gate of its own, so an I/O's end wakes only the
+        callers it lets go on, and one leader per idle stage: with
+        ``notify_all`` on one condition every committer woke at every I/O,
+        and eight committing threads spent most of their time holding the
+        GIL handing out wake-ups."""
+        gate = threading.Lock()
+        gate.acquire()
+        entry = (target, sync, gate)
+        self._sleepers.append(entry)
+        self._lock.release()
+        woke = False
         try:
-            self._cond.wait()
+            gate.acquire()
+            woke = True
         finally:
-            self._waiting -= 1
+            self._lock.acquire()
+            if not woke:  # interrupted: leave the list, and pass on a wake-up meant to make it lead
+                if entry in self._sleepers:
+                    self._sleepers.remove(entry)
+                self._wake()
+
+    def _wake(self) -> None:
+        """Open the gates of the sleepers that may go on: those whose record
+        is written (or durable, for ``sync``), every one once the log is
+        poisoned (they raise), those with no target, and the first that
+        needs each idle stage: a write when none runs, an fsync of what is
+        written when none runs -- it leads it.  Caller holds ``_cond``."""
+        written, durable = self._written_lsn, self._durable_lsn
+        go_on = self._poison is not None
+        lead_write, lead_sync = not self._io_busy, not self._syncing
+        keep = []
+        for entry in self._sleepers:
+            target, sync, gate = entry
+            if go_on or not target or (durable if sync else written) >= target:
+                gate.release()
+            elif written < target:
+                if lead_write:
+                    gate.release()
+                    lead_write = False
+                else:
+                    keep.append(entry)
+            elif lead_sync:
+                gate.release()
+                lead_sync = False
+            else:
+                keep.append(entry)
+        self._sleepers = keep
 
     def _finish_io(self, error: BaseException | None, what: str) -> None:
         """Wake the waiters; after a failure, poison and raise.  Caller holds
@@ -413,8 +460,8 @@ class LogWriter:
         if error is not None and self._poison is None:
             self._poison = PoisonedError(f"write-ahead log {what} failed, the log is read-only until reopened: {error}", error)
             self._poison.__cause__ = error
-        if self._waiting:
-            self._cond.notify_all()
+        if self._sleepers:
+            self._wake()
         if error is not None:
             if not isinstance(error, OSError):
                 raise error  # e.g. KeyboardInterrupt: the log is poisoned all the same
@@ -446,8 +493,8 @@ class LogWriter:
         with self._cond:
             if lsn > self._written_lsn:
                 self._written_lsn = lsn
-                if self._waiting:
-                    self._cond.notify_all()
+                if self._sleepers:
+                    self._wake()
 
     def _write_chunk(self, chunk: list[bytes], lsn: int) -> int:
         """Write ``chunk`` at ``lsn`` into the segment being written, over
