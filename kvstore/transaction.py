@@ -37,16 +37,20 @@ def _as_bytes(value: object, what: str) -> bytes:
     raise TypeError(f"{what} must be bytes, bytearray or memoryview, not {type(value).__name__}")
 
 
+MAX_KEY = 1024
+MAX_VALUE = 64 * 2**20
+
+
 def check_key(key: object) -> bytes:
     k = _as_bytes(key, "key")
-    if not 1 <= len(k) <= 1024:
+    if not 1 <= len(k) <= MAX_KEY:
         raise ValueError(f"key must be 1 to 1024 bytes long, got {len(k)}")
     return k
 
 
 def check_value(value: object) -> bytes:
     v = _as_bytes(value, "value")
-    if len(v) > 64 * 2**20:
+    if len(v) > MAX_VALUE:
         raise ValueError(f"value must be at most 64 MiB (67108864 bytes), got {len(v)}")
     return v
 
@@ -107,7 +111,7 @@ class Transaction:
         when the read makes this transaction the victim of a dangerous
         structure.
         """
-        if key.__class__ is not bytes or not 0 < len(key) <= 1024:
+        if key.__class__ is not bytes or not 0 < len(key) <= MAX_KEY:
             key = check_key(key)
         db = self.db
         if self.ssi is None and self.state == ACTIVE:
@@ -147,8 +151,14 @@ class Transaction:
         transaction wrote the key and has not finished, or committed it after
         this transaction began.
         """
-        self._check_writable()
-        self.db._put(self, check_key(key), check_value(value))
+        db = self.db
+        if db._closed or self.state != ACTIVE or self.readonly:
+            self._check_writable()  # raises
+        if key.__class__ is not bytes or not 0 < len(key) <= MAX_KEY:
+            key = check_key(key)
+        if value.__class__ is not bytes or len(value) > MAX_VALUE:
+            value = check_value(value)
+        db._put(self, key, value)
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Set many keys: the same as ``put`` for each ``(key, value)`` pair
@@ -210,8 +220,10 @@ class Transaction:
         Raises ConflictError (the transaction is rolled back) if serializable
         validation fails, TransactionError if it is already finished.
         """
-        self._check_active()
-        self.db._commit(self)
+        db = self.db
+        if db._closed or self.state != ACTIVE:
+            self._check_active()  # raises
+        db._commit(self)
 
     def rollback(self) -> None:
         """Undo every write and end the transaction."""
