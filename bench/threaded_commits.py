@@ -46,7 +46,9 @@ def kvstore_rate(root: str, keys: list[bytes], sync: str, seconds: float) -> str
     db = kvstore.open(os.path.join(root, f"kv-{sync}"), sync=sync)
     with db.transaction() as tx:
         tx.put_many([(k, b"v" * 100) for k in keys])
-    fsyncs = db._wal.fsyncs
+    wal = db._wal
+    assert wal is not None
+    fsyncs = wal.fsyncs
 
     def worker(i: int, counts: list[int], stop: threading.Event) -> None:
         mine, r, n = keys[i::THREADS], random.Random(i), 0
@@ -58,7 +60,7 @@ def kvstore_rate(root: str, keys: list[bytes], sync: str, seconds: float) -> str
         counts[i] = n
 
     rate, fair = _run(worker, seconds)
-    per_sync = rate * seconds / max(1, db._wal.fsyncs - fsyncs)
+    per_sync = rate * seconds / max(1, wal.fsyncs - fsyncs)
     db.close()
     return f"kvstore sync={sync:<7} {rate:8,.0f} commits/s  slowest/mean {fair:.2f}  commits per fsync {per_sync:,.1f}"
 
