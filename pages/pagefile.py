@@ -66,6 +66,8 @@ import bisect
 import logging
 import os
 import struct
+from array import array
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -93,6 +95,73 @@ TMP_SUFFIX = ".tmp"
 _META_SLOTS = 2
 
 
+def _u32_table(n: int) -> array[int]:
+    """``n`` zeros as 4-byte unsigned ints: a page-table column (slot or
+    crc), 4 bytes an entry where a list of ints cost about 40."""
+    return array("I", bytes(4 * n))
+
+
+assert array("I").itemsize == 4, "the page table needs 4-byte unsigned ints"
+
+
+class SlotBitmap:
+    """A set of slot numbers, one byte a slot (the slots an image
+    references).  A ``set`` of ints cost about 60 bytes a slot with its
+    ints, and the durable image and a flip's new image held one each: at
+    10^7 keys that was most of the memory over ``cache_size``."""
+
+    __slots__ = ("_bits", "_count")
+
+    def __init__(self, slots: Iterable[int] = ()) -> None:
+        self._bits = bytearray()
+        self._count = 0
+        for s in slots:
+            self.add(s)
+
+    def __contains__(self, slot: object) -> bool:
+        bits = self._bits
+        return isinstance(slot, int) and 0 <= slot < len(bits) and bits[slot] != 0
+
+    def add(self, slot: int) -> None:
+        bits = self._bits
+        if slot >= len(bits):
+            bits.extend(bytes(slot + 1 - len(bits) + len(bits) // 2))
+        if not bits[slot]:
+            bits[slot] = 1
+            self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[int]:
+        """The slots, ascending."""
+        bits = self._bits
+        i = bits.find(1)
+        while i >= 0:
+            yield i
+            i = bits.find(1, i + 1)
+
+    def highest(self) -> int:
+        """The highest slot (-1 if none)."""
+        return self._bits.rfind(1)
+
+    def not_in(self, other: SlotBitmap) -> list[int]:
+        """The slots of this set that ``other`` lacks, ascending; the
+        bytes compared as two big ints, in C."""
+        n = len(self._bits)
+        if not n:
+            return []
+        mine = int.from_bytes(self._bits, "little")
+        theirs = int.from_bytes(other._bits[:n], "little")
+        diff = (mine & ~theirs).to_bytes(n, "little")
+        out = []
+        i = diff.find(1)
+        while i >= 0:
+            out.append(i)
+            i = diff.find(1, i + 1)
+        return out
+
+
 class PageFile:
     """The page file of one database.  Not thread-safe: the caller holds the
     engine latch around every call."""
@@ -108,14 +177,14 @@ class PageFile:
         self.meta_damage = ""
         self._fanout = pt_fanout(self.page_size)
         # the current page table, indexed by logical id
-        self._slot: list[int] = [0]
-        self._crc: list[int] = [0]
+        self._slot = _u32_table(1)
+        self._crc = _u32_table(1)
         self._free_lids: SortedList = SortedList()
         self._allocated: set[int] = set()  # ids allocated but not written yet
         # page-table pages of the durable image: level -> index -> (slot, crc)
         self._pt_pages: list[dict[int, tuple[int, int]]] = []
         self._pt_dirty: set[int] = set()  # level-0 page-table pages changed since the flip
-        self._durable_slots: set[int] = set()  # every slot the durable image references (P2)
+        self._durable_slots = SlotBitmap()  # every slot the durable image references (P2)
         self._pending_free: set[int] = set()  # freed by the next flip (P4)
         self._free_slots: SortedList = SortedList()
         self._nslots = _META_SLOTS
@@ -218,8 +287,8 @@ class PageFile:
     def _load_page_table(self) -> None:
         meta = self.meta
         nlids = meta.nlids
-        self._slot = [0] * nlids
-        self._crc = [0] * nlids
+        self._slot = _u32_table(nlids)
+        self._crc = _u32_table(nlids)
         self._nslots = max(meta.nslots, self._file.size() // self.page_size, _META_SLOTS)
         self._pt_pages = [dict() for _ in range(meta.pt_depth)]
         used = self._durable_slots
@@ -442,17 +511,22 @@ class PageFile:
         except BaseException:
             self._free_slots.update(state.written)
             raise
-        image = set(self._slot)
-        image.discard(0)
+        image = SlotBitmap()
+        bits = image._bits = bytearray(self._nslots)
+        for slot in self._slot:
+            bits[slot] = 1
+        bits[0] = 0
+        image._count = len(bits) - bits.count(0)
         for pt_level in new_pt:
-            image.update(s for s, _ in pt_level.values())
+            for slot, _ in pt_level.values():
+                image.add(slot)
         state.image = image
         # The meta records how far its image reaches, not how long the file
         # happens to be: after the flip cuts the free tail (P5), or a
         # compaction moved pages down, a reopen must not count slots beyond
         # the end of the file as free.  (Open takes the file's length when
         # that is larger: pages written since the flip live there.)
-        state.nslots = max(image) + 1
+        state.nslots = image.highest() + 1
         self._pt_dirty.clear()
         self._flip = state
         return state
@@ -504,7 +578,7 @@ class PageFile:
         self._pt_pages = state.new_pt
         self._flip = None
         durable = state.image
-        freed = self._durable_slots - durable
+        freed = set(self._durable_slots.not_in(durable))
         self._durable_slots = durable
         # Slots the new image references stay reserved as durable even if the
         # current table has moved on (they are freed by the next flip: P4).
@@ -687,10 +761,11 @@ class PageFile:
         cur = set(current)
         free = set(self._free_slots)
         assert not (cur & free), "a slot is both used and free"
-        assert not (self._durable_slots & free), "a durable slot is free (P2)"
+        durable = set(self._durable_slots)
+        assert not (durable & free), "a durable slot is free (P2)"
         assert not (self._pending_free & free), "a slot is both pending and free"
         pt = {s for level in self._pt_pages for s, _ in level.values()}
-        known = cur | free | self._durable_slots | self._pending_free | pt
+        known = cur | free | durable | self._pending_free | pt
         leaked = set(range(_META_SLOTS, self._nslots)) - known
         assert not leaked, f"slots leaked: {sorted(leaked)[:10]}"
         assert all(s < self._nslots for s in known), "a slot beyond the end of the file"
@@ -709,7 +784,7 @@ class FlipState:
         self.nslots = nslots
         self.pt_dirty = pt_dirty  # restored if the flip fails
         self.written: list[int] = []  # page-table slots written
-        self.image: set[int] = set()  # every slot the new image references
+        self.image = SlotBitmap()  # every slot the new image references
         self.meta: Meta | None = None
         self.target = 0
 

@@ -17,6 +17,8 @@ P4. A slot freed by a flip is reused only after that flip's meta is durable.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from pagehelpers import (
     DB_ID,
@@ -424,3 +426,25 @@ def test_open_without_redo_reads_only_and_writes_nothing():
     reopened = open_image(fs, cache_pages=8)
     check_store(reopened)
     assert fs.counts["write"] == writes and fs.snapshot() == snap
+
+
+def test_slot_bitmap_behaves_as_a_set_of_slots():
+    """``SlotBitmap`` (the durable image's slots, a byte a slot) against a
+    set: membership, adding, iteration in ascending order, the count, the
+    highest slot and the slots another lacks."""
+    from pages.pagefile import SlotBitmap
+
+    rng = random.Random(11)
+    for _ in range(200):
+        a_set = {rng.randrange(0, rng.choice([5, 100, 5000])) for _ in range(rng.randint(0, 300))}
+        b_set = {rng.randrange(0, rng.choice([5, 100, 5000])) for _ in range(rng.randint(0, 300))} | set(rng.sample(sorted(a_set), len(a_set) // 2))
+        a, b = SlotBitmap(a_set), SlotBitmap()
+        for s in b_set:
+            b.add(s)
+            b.add(s)  # twice: counted once
+        assert list(a) == sorted(a_set) and len(a) == len(a_set) and len(b) == len(b_set)
+        assert a.highest() == max(a_set, default=-1)
+        assert a.not_in(b) == sorted(a_set - b_set) and b.not_in(a) == sorted(b_set - a_set)
+        for s in range(-2, 5010, 7):
+            assert (s in a) == (s in a_set)
+        assert "3" not in a and 3.0 not in a
