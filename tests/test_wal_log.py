@@ -865,3 +865,41 @@ def test_eight_threads_flushing_at_once_all_return():
         t.join(timeout=60)
     assert sorted(done) == list(range(8))
     log.close()
+
+
+def test_a_flush_woken_to_lead_that_meets_the_poison_wakes_the_others():
+    """A sleeper released to lead the next write that finds the log poisoned
+    (say a segment removal failed meanwhile) raises without leading; the
+    sleepers kept waiting for that write are woken to raise too, not left
+    asleep for good."""
+    from wal.errors import PoisonedError
+
+    log = open_log(new_fs(4))
+    lsns = [log.append(RecordType.NOOP, 1, b"a"), log.append(RecordType.NOOP, 1, b"b")]
+    raised = []
+
+    def flush(lsn: int) -> None:
+        try:
+            log.flush(lsn)
+        except PoisonedError:
+            raised.append(lsn)
+
+    with log._cond:
+        log._io_busy = True  # a write in flight: both flushes sleep
+    threads = [threading.Thread(target=flush, args=(lsn,)) for lsn in lsns]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(log._sleepers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(log._sleepers) == 2
+    with log._cond:
+        log._io_busy = False
+        log._wake()  # the write ended: the first is released to lead, the second kept
+        assert len(log._sleepers) == 1
+        log._poison = PoisonedError("removing a segment failed (injected)", OSError(5, "EIO"))
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "a flush was left asleep"
+    assert sorted(raised) == lsns
+    log.close()

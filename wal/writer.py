@@ -305,20 +305,27 @@ class LogWriter:
             if lsn is not None and lsn >= self._next_lsn:
                 raise ValueError(f"LSN {lsn} has not been appended (the log ends at {self._next_lsn})")
             target = self._next_lsn if lsn is None else lsn + 1
-            while True:
-                if (self._durable_lsn if sync else self._written_lsn) >= target:
-                    return
-                if self._poison is not None:
-                    raise self._poison
-                if self._written_lsn < target:
-                    if self._io_busy:
-                        self._wait(target, sync)
+            try:
+                while True:
+                    if (self._durable_lsn if sync else self._written_lsn) >= target:
+                        return
+                    if self._poison is not None:
+                        raise self._poison
+                    if self._written_lsn < target:
+                        if self._io_busy:
+                            self._wait(target, sync)
+                        else:
+                            self._lead_write()
+                    elif self._syncing:
+                        self._wait(target, sync)  # it may cover us; if not, the next one will
                     else:
-                        self._lead_write()
-                elif self._syncing:
-                    self._wait(target, sync)  # it may cover us; if not, the next one will
-                else:
-                    self._lead_sync()
+                        self._lead_sync()
+            except BaseException:
+                # woken to lead, this caller leaves without leading (the log
+                # is poisoned, or an interrupt): pass the wake-up on
+                if self._sleepers:
+                    self._wake()
+                raise
 
     def sync_written(self) -> None:
         """fsync what the OS already has, without holding up writers (the
@@ -414,18 +421,18 @@ class LogWriter:
         gate = threading.Lock()
         gate.acquire()
         entry = (target, sync, gate)
-        self._sleepers.append(entry)
-        self._lock.release()
         woke = False
         try:
-            gate.acquire()
-            woke = True
+            self._sleepers.append(entry)
+            self._lock.release()
+            try:
+                gate.acquire()
+                woke = True
+            finally:
+                self._lock.acquire()
         finally:
-            self._lock.acquire()
-            if not woke:  # interrupted: leave the list, and pass on a wake-up meant to make it lead
-                if entry in self._sleepers:
-                    self._sleepers.remove(entry)
-                self._wake()
+            if not woke and entry in self._sleepers:  # interrupted: no gate to open for it
+                self._sleepers.remove(entry)
 
     def _wake(self) -> None:
         """Open the gates of the sleepers that may go on: those whose record
@@ -649,6 +656,8 @@ class LogWriter:
             except OSError as e:
                 with self._cond:
                     self._poison = PoisonedError(f"removing {victim.path} failed, the log is read-only until reopened: {e}", e)
+                    if self._sleepers:
+                        self._wake()  # every sleeper raises it
                 raise self._poison from e
             with self._seg_lock:
                 self._segments.pop(0)
