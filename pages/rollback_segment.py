@@ -55,6 +55,8 @@ _REC = struct.Struct("<IQQQQBH")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _LEN_TXID = struct.Struct("<IQ")  # a record's length and txid, its first fields
+_KLEN = struct.Struct("<H")
+_KLEN_AT = 37  # offset of the key length within a record (after the flags byte)
 _OVF = struct.Struct("<QIIBI")
 _HEADER = struct.Struct("<QQ")
 
@@ -119,24 +121,27 @@ class UndoPage:
 
     def newest_txid(self, lid: int) -> int:
         """The highest transaction id among the page's records (0 for none),
-        from their headers alone.  Raises CorruptionError, as ``records``
-        does, if a record runs past the page."""
+        from their headers and length fields alone.  Raises CorruptionError,
+        as ``records`` does, if a record runs past the page or its lengths
+        disagree."""
         data = self.data
         n = len(data)
-        unpack = _LEN_TXID.unpack_from
+        unpack, klen_at, u32 = _LEN_TXID.unpack_from, _KLEN.unpack_from, _U32.unpack_from
         pos = newest = 0
         while pos < n:
+            where = f"undo page {lid} offset {pos}"
             if pos + _REC.size > n:
-                break
+                raise CorruptionError(where, "undo record header runs past the page")
             length, txid = unpack(data, pos)
+            end = pos + 4 + length
+            if end > n:
+                raise CorruptionError(where, "undo record runs past the page")
+            p = pos + _REC.size + klen_at(data, pos + _KLEN_AT)[0]
+            if p + 4 > end or p + 4 + u32(data, p)[0] != end:
+                raise CorruptionError(where, "undo record length does not match its fields")
             if txid > newest:
                 newest = txid
-            if pos + 4 + length > n:
-                break
-            pos += 4 + length
-        if pos != n:
-            _decode_at(data, pos, lid)  # raises: the record at pos runs past the page
-            raise CorruptionError(f"undo page {lid} offset {pos}", "undo record runs past the page")
+            pos = end
         return newest
 
     def purge_work(self, lid: int) -> list[UndoRecord]:
@@ -192,6 +197,8 @@ def _decode_at(data: bytes | bytearray, pos: int, lid: int) -> UndoRecord:
     p = pos + _REC.size
     key = bytes(data[p : p + klen])
     p += klen
+    if p + 4 > end:  # a damaged key length (unpacking past the page raised struct.error)
+        raise CorruptionError(where, "undo record length does not match its fields")
     (vlen,) = _U32.unpack_from(data, p)
     p += 4
     vb = bytes(data[p : p + vlen])

@@ -297,3 +297,12 @@ def test_purge_reads_of_an_undo_page_match_its_full_decoding():
                 damaged = UndoPage(0, bytes(page.data[:-cut]))
                 with pytest.raises(CorruptionError, match="undo page 7"):
                     damaged.newest_txid(7)
+            # a key length that disagrees with the record's length: records()
+            # raises, and so must the header-only read purge relies on
+            pos = records[-1].ptr % 65536
+            damaged = UndoPage(0, bytes(page.data))
+            damaged.data[pos + 37] ^= 0x01
+            with pytest.raises(CorruptionError, match="undo page 7"):
+                damaged.records(7)
+            with pytest.raises(CorruptionError, match="does not match its fields"):
+                damaged.newest_txid(7)
