@@ -71,7 +71,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from recovery.restart import encode_checkpoint
@@ -143,14 +143,26 @@ class Checkpointer:
 
     # --- the checkpoint ------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Hold the mutex with ``running`` set; at the end, whatever
+        happened, clear it and wake the commits that stalled on the log."""
+        with self._mutex:
+            self.running = True
+            try:
+                yield
+            finally:
+                self.running = False
+                with self._done:
+                    self._done.notify_all()
+
     def checkpoint(self, latch_held: bool = False) -> dict[str, Any]:
         """Run a checkpoint now; return SPEC's fields (lsn, pages_written,
         seconds, wal_bytes_truncated), then compact if that would give back
         enough (module docstring), adding ``pages_relocated`` and
         ``slots_truncated``.  ``latch_held``: the caller holds the engine
         latch (open and close), so nothing runs concurrently."""
-        with self._mutex:
-            self.running = True
+        with self._running():
             try:
                 latch = contextlib.nullcontext() if latch_held else self._latch
                 result = self._run(latch)
@@ -168,10 +180,6 @@ class Checkpointer:
                 if self._on_error is not None:
                     self._on_error(e)
                 raise
-            finally:
-                self.running = False
-                with self._done:
-                    self._done.notify_all()
 
     def _run(self, latch: Any) -> dict[str, Any]:
         store, wal = self._store, self._wal
@@ -238,18 +246,13 @@ class Checkpointer:
         ``pages_relocated`` and ``slots_truncated`` (both 0 when it did
         nothing, and then it wrote nothing).  Errors as in the module
         docstring.  ``latch_held`` as for ``checkpoint``."""
-        with self._mutex:
-            self.running = True
+        with self._running():
             try:
                 return self._compact_quietly(contextlib.nullcontext() if latch_held else self._latch, min_gain)
             except BaseException as e:
                 if self._on_error is not None:
                     self._on_error(e)
                 raise
-            finally:
-                self.running = False
-                with self._done:
-                    self._done.notify_all()
 
     def _compact_quietly(self, latch: Any, min_gain: float) -> dict[str, int]:
         """``_compact``, with an I/O error that poisons nothing logged and

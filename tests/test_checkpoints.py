@@ -565,3 +565,33 @@ def test_checkpoint_meta_waits_for_the_log_it_reflects():
     assert not errors, errors
     crashed = fs.crash(KeepAll())  # a process crash: what the OS got survives, the log's queue does not
     assert read_all(crashed) == model  # opens, recovers, structures whole
+
+
+def test_a_checkpoint_or_compaction_clears_running_when_it_ends_however_it_ends(tmp_path, monkeypatch):
+    """``Checkpointer.running`` holds back commits that find the log past
+    1.5 times ``checkpoint_wal_bytes`` (the write stall); it is cleared when
+    a checkpoint or a compaction ends, by an error too, or every such
+    commit would wait out the stall's timeout."""
+    db = kvstore.open(str(tmp_path / "db"), checkpoint_interval=3600.0)
+    cp = db._checkpointer
+    with db.transaction() as tx:
+        tx.put(b"k", b"v")
+    db.checkpoint()
+    assert cp.running is False
+    cp.compact()
+    assert cp.running is False
+
+    def fail(*args, **kwargs):
+        assert cp.running is True  # set while the work runs
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(cp, "_run", fail)
+    monkeypatch.setattr(cp, "_compact_quietly", fail)
+    with pytest.raises(OSError):
+        cp.checkpoint()
+    assert cp.running is False
+    with pytest.raises(OSError):
+        cp.compact()
+    assert cp.running is False
+    monkeypatch.undo()
+    db.close()

@@ -23,6 +23,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pagehelpers import fs_with, new_fs
 
 from pages.faultfs import DropAll, FaultFS
 from pages.fs import OsFileSystem
@@ -43,22 +44,6 @@ D = "/db"
 
 
 # -- helpers ----------------------------------------------------------------------
-
-
-def new_fs(seed: int = 0) -> FaultFS:
-    return FaultFS(seed=seed, dirs=[D])
-
-
-def fs_with(files: dict[str, bytes], seed: int = 0) -> FaultFS:
-    """A FaultFS whose directory /db durably holds exactly ``files``."""
-    fs = new_fs(seed)
-    for path, data in files.items():
-        f = fs.create(path)
-        if data:
-            f.pwrite(0, data)
-        f.fsync()
-        f.close()
-    return fs
 
 
 def open_log(fs, directory: str = D, db_id: bytes = DB_ID, **kw) -> WriteAheadLog:

@@ -33,6 +33,7 @@ from collections import Counter
 
 import pytest
 from crashkit import Limits, Run, Workload, enumerate_crashes, report
+from pagehelpers import fs_with
 
 import kvstore
 import wal.writer
@@ -69,18 +70,6 @@ def commit(log: WriteAheadLog, txid: int, payload: bytes) -> int:
     lsn = log.append(RecordType.COMMIT, txid, payload)
     log.commit_wait(lsn)
     return lsn
-
-
-def fs_with(files: dict[str, bytes]) -> FaultFS:
-    """A FaultFS whose /db durably holds exactly ``files``."""
-    fs = FaultFS(dirs=[D])
-    for path, data in files.items():
-        f = fs.create(path)
-        if data:
-            f.pwrite(0, data)
-        f.fsync()
-        f.close()
-    return fs
 
 
 def state(fs: FaultFS) -> tuple:
