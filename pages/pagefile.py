@@ -105,18 +105,36 @@ assert array("I").itemsize == 4, "the page table needs 4-byte unsigned ints"
 
 
 class SlotBitmap:
-    """A set of slot numbers, one byte a slot (the slots an image
-    references).  A ``set`` of ints cost about 60 bytes a slot with its
-    ints, and the durable image and a flip's new image held one each: at
-    10^7 keys that was most of the memory over ``cache_size``."""
+    """A set of slot numbers, one byte a slot: the slots the durable image
+    references, a flip's new image, the slots waiting for the next flip
+    (P4) and the free slots.  A ``set`` or ``SortedList`` of ints cost 36
+    to 60 bytes a slot, and the free and pending slots grew with the
+    pages written between two flips -- with the tree many times the cache,
+    nearly one a put -- so that a flip's bookkeeping raised peak memory
+    with the size of the store.  Here a slot costs one byte whatever the
+    set holds, and the bulk operations run over bounded chunks as big
+    ints, in C.
 
-    __slots__ = ("_bits", "_count")
+    ``_low`` is a hint for ``pop_lowest``: no slot below it is in the set."""
+
+    __slots__ = ("_bits", "_count", "_low")
 
     def __init__(self, slots: Iterable[int] = ()) -> None:
         self._bits = bytearray()
         self._count = 0
+        self._low = 0
         for s in slots:
             self.add(s)
+
+    @classmethod
+    def complement(cls, used: SlotBitmap, lo: int, hi: int) -> SlotBitmap:
+        """The slots in ``lo .. hi - 1`` that ``used`` lacks."""
+        free = cls()
+        bits = bytearray(bytes(used._bits[:hi]).ljust(hi, b"\0").translate(_SWAP01))
+        bits[:lo] = bytes(min(lo, hi))
+        free._bits = bits
+        free._count = bits.count(1)
+        return free
 
     def __contains__(self, slot: object) -> bool:
         bits = self._bits
@@ -129,6 +147,12 @@ class SlotBitmap:
         if not bits[slot]:
             bits[slot] = 1
             self._count += 1
+            if slot < self._low:
+                self._low = slot
+
+    def update(self, slots: Iterable[int]) -> None:
+        for s in slots:
+            self.add(s)
 
     def __len__(self) -> int:
         return self._count
@@ -141,25 +165,90 @@ class SlotBitmap:
             yield i
             i = bits.find(1, i + 1)
 
+    def lowest(self) -> int:
+        """The lowest slot (-1 if none)."""
+        bits = self._bits
+        i = bits.find(1, self._low)
+        self._low = len(bits) if i < 0 else i
+        return i
+
+    def pop_lowest(self) -> int:
+        """Remove the lowest slot and return it (-1 if none)."""
+        i = self.lowest()
+        if i >= 0:
+            self._bits[i] = 0
+            self._count -= 1
+            self._low = i + 1
+        return i
+
     def highest(self) -> int:
         """The highest slot (-1 if none)."""
         return self._bits.rfind(1)
 
-    def not_in(self, other: SlotBitmap) -> list[int]:
-        """The slots of this set that ``other`` lacks, ascending; the
-        bytes compared as two big ints, in C."""
-        n = len(self._bits)
-        if not n:
-            return []
-        mine = int.from_bytes(self._bits, "little")
-        theirs = int.from_bytes(other._bits[:n], "little")
-        diff = (mine & ~theirs).to_bytes(n, "little")
-        out = []
-        i = diff.find(1)
-        while i >= 0:
-            out.append(i)
-            i = diff.find(1, i + 1)
-        return out
+    def count_below(self, end: int) -> int:
+        """How many slots are below ``end``."""
+        return self._bits.count(1, 0, max(end, 0))
+
+    def take_tail(self, top: int) -> int:
+        """Remove the run of slots that ends just below ``top`` (``top -
+        1``, ``top - 2``, ... as far as each is in the set) and return where
+        it begins: ``top`` when ``top - 1`` is not in the set.  The caller
+        knows no slot at or above ``top`` is in the set."""
+        bits = self._bits
+        if not 0 < top <= len(bits) or not bits[top - 1]:
+            return top
+        start = bits.rfind(0, 0, top) + 1
+        self._count -= top - start
+        del bits[start:]
+        self._low = min(self._low, start)
+        return start
+
+    def add_difference(self, sources: list[SlotBitmap], minus: SlotBitmap) -> int:
+        """Add every slot that is in one of ``sources`` and not in ``minus``;
+        return how many were not in the set before."""
+        n = max((len(s._bits) for s in sources), default=0)
+        bits = self._bits
+        if len(bits) < n:
+            bits.extend(bytes(n - len(bits)))
+        added = 0
+        for off in range(0, n, _CHUNK):
+            stop = min(off + _CHUNK, n)
+            x = 0
+            for s in sources:
+                x |= int.from_bytes(s._bits[off:stop], "little")
+            if not x:
+                continue
+            x &= ~int.from_bytes(minus._bits[off:stop], "little")
+            mine = int.from_bytes(bits[off:stop], "little")
+            new = x & ~mine
+            if new:
+                added += new.bit_count()  # a byte a slot, each 0 or 1
+                bits[off:stop] = (mine | new).to_bytes(stop - off, "little")
+                self._low = min(self._low, off)
+        self._count += added
+        return added
+
+    def keep_only(self, other: SlotBitmap) -> None:
+        """Remove every slot that ``other`` lacks."""
+        bits = self._bits
+        n = len(bits)
+        for off in range(0, n, _CHUNK):
+            stop = min(off + _CHUNK, n)
+            mine = int.from_bytes(bits[off:stop], "little")
+            if mine:
+                bits[off:stop] = (mine & int.from_bytes(other._bits[off:stop], "little")).to_bytes(stop - off, "little")
+        self._count = bits.count(1)
+
+    def clear(self) -> None:
+        self._bits = bytearray()
+        self._count = 0
+        self._low = 0
+
+
+#: bytes per chunk of a ``SlotBitmap``'s bulk operations (bounds their
+#: temporary big ints whatever the file's size)
+_CHUNK = 1 << 16
+_SWAP01 = bytes.maketrans(b"\x00\x01", b"\x01\x00")
 
 
 class PageFile:
@@ -185,8 +274,8 @@ class PageFile:
         self._pt_pages: list[dict[int, tuple[int, int]]] = []
         self._pt_dirty: set[int] = set()  # level-0 page-table pages changed since the flip
         self._durable_slots = SlotBitmap()  # every slot the durable image references (P2)
-        self._pending_free: set[int] = set()  # freed by the next flip (P4)
-        self._free_slots: SortedList = SortedList()
+        self._pending_free = SlotBitmap()  # freed by the next flip (P4)
+        self._free_slots = SlotBitmap()
         self._nslots = _META_SLOTS
         self._poison: PoisonedError | None = None
         self._flip: FlipState | None = None  # a flip in flight (between phases 1 and 3)
@@ -302,7 +391,7 @@ class PageFile:
                 used.add(s)
             else:
                 self._free_lids.add(lid)
-        self._free_slots = SortedList(s for s in range(_META_SLOTS, self._nslots) if s not in used)
+        self._free_slots = SlotBitmap.complement(used, _META_SLOTS, self._nslots)
 
     def _load_pt_level(self, level: int, index: int, slot: int, crc: int) -> None:
         where = f"{self.path} page-table page (level {level}, index {index}) at slot {slot}"
@@ -392,8 +481,8 @@ class PageFile:
             self._free_slots.add(slot)  # written since the flip, referenced by nothing durable
 
     def _take_slot(self) -> int:
-        if self._free_slots:
-            slot: int = self._free_slots.pop(0)
+        slot = self._free_slots.pop_lowest()
+        if slot >= 0:
             return slot
         slot = self._nslots
         self._nslots += 1
@@ -565,9 +654,8 @@ class PageFile:
         self._pt_dirty |= state.pt_dirty
         self._free_slots.update(s for s in state.written if s not in self._durable_slots)
         # slots released while the flip was in flight are free unless durable
-        moved = {s for s in self._pending_free if s not in self._durable_slots}
-        self._pending_free -= moved
-        self._free_slots.update(moved)
+        self._free_slots.add_difference([self._pending_free], self._durable_slots)
+        self._pending_free.keep_only(self._durable_slots)
 
     def complete_flip(self, state: FlipState) -> dict[str, int]:
         """Phase 3 (caller holds the latch): the new image is durable; free
@@ -578,25 +666,21 @@ class PageFile:
         self._pt_pages = state.new_pt
         self._flip = None
         durable = state.image
-        freed = set(self._durable_slots.not_in(durable))
+        # What the old image or a superseded copy used is free unless the
+        # new image references it: slots the new image references stay
+        # reserved as durable even if the current table has moved on (they
+        # are freed by the next flip: P4).
+        released = self._free_slots.add_difference([self._durable_slots, self._pending_free], durable)
         self._durable_slots = durable
-        # Slots the new image references stay reserved as durable even if the
-        # current table has moved on (they are freed by the next flip: P4).
-        release = {s for s in freed | self._pending_free if s not in durable}
-        self._pending_free = set()
-        self._free_slots.update(release)
+        self._pending_free.clear()
         shrunk = self._shrink()
-        return {"pt_pages_written": len(state.written), "slots_freed": len(release), "slots_truncated": shrunk}
+        return {"pt_pages_written": len(state.written), "slots_freed": released, "slots_truncated": shrunk}
 
     def _shrink(self) -> int:
         """Cut free slots off the end of the file (P5: free slots only).  The
         cut is durable with the next fsync (``sync_cut``, or the next flip's);
         until then a crash may keep the tail, which open finds free."""
-        top = self._nslots
-        free = self._free_slots
-        while top > _META_SLOTS and free and free[-1] == top - 1:
-            free.pop()
-            top -= 1
+        top = self._free_slots.take_tail(self._nslots)  # the metas are never free
         cut = self._nslots - top
         if cut:
             self._nslots = top
@@ -678,7 +762,7 @@ class PageFile:
         def fits(end: int) -> bool:
             # (free below end) >= (pages at or beyond end) + page-table pages;
             # the left side grows with end and the right side shrinks
-            return int(free.bisect_left(end)) >= len(slots) - bisect.bisect_left(slots, end) + extra
+            return free.count_below(end) >= len(slots) - bisect.bisect_left(slots, end) + extra
 
         lo, hi = _META_SLOTS, self._nslots
         if not fits(hi):
@@ -707,11 +791,12 @@ class PageFile:
         if self._poison is not None:
             raise self._poison
         old = self._slot[lid] if 0 < lid < len(self._slot) else 0
-        if old < end or not self._free_slots or self._free_slots[0] >= end:
+        lowest = self._free_slots.lowest()
+        if old < end or lowest < 0 or lowest >= end:
             return False
         data = self._read_slot(old)
         decode_page(data, lid, self._crc[lid], f"{self.path} page {lid} (slot {old}), being relocated")
-        slot: int = self._free_slots.pop(0)
+        slot = self._free_slots.pop_lowest()
         self._pwrite_slot(slot, data)
         self.pages_relocated += 1
         self._slot[lid] = slot
@@ -763,9 +848,11 @@ class PageFile:
         assert not (cur & free), "a slot is both used and free"
         durable = set(self._durable_slots)
         assert not (durable & free), "a durable slot is free (P2)"
-        assert not (self._pending_free & free), "a slot is both pending and free"
+        pending = set(self._pending_free)
+        assert not (pending & free), "a slot is both pending and free"
+        assert len(free) == len(self._free_slots) and len(pending) == len(self._pending_free), "a slot bitmap miscounts"
         pt = {s for level in self._pt_pages for s, _ in level.values()}
-        known = cur | free | durable | self._pending_free | pt
+        known = cur | free | durable | pending | pt
         leaked = set(range(_META_SLOTS, self._nslots)) - known
         assert not leaked, f"slots leaked: {sorted(leaked)[:10]}"
         assert all(s < self._nslots for s in known), "a slot beyond the end of the file"

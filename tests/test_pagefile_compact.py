@@ -157,7 +157,7 @@ def test_relocated_pages_old_slots_wait_for_the_flip():
     old = {pf._slot[lid] for lid in lids}
     moved = sum(pf.relocate(lid, end) for lid in lids)
     assert moved == len(lids) > 20
-    assert old <= pf._pending_free and not (old & set(pf._free_slots))
+    assert old <= set(pf._pending_free) and not (old & set(pf._free_slots))
     pf._check()
     assert state_of(store) == expected
     assert state_of(open_image(fs.crash(KeepAll()))) == expected  # every write kept, no meta: the old image

@@ -428,23 +428,66 @@ def test_open_without_redo_reads_only_and_writes_nothing():
     assert fs.counts["write"] == writes and fs.snapshot() == snap
 
 
-def test_slot_bitmap_behaves_as_a_set_of_slots():
-    """``SlotBitmap`` (the durable image's slots, a byte a slot) against a
-    set: membership, adding, iteration in ascending order, the count, the
-    highest slot and the slots another lacks."""
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 16])
+def test_slot_bitmap_behaves_as_a_set_of_slots(monkeypatch, chunk):
+    """``SlotBitmap`` (the durable image's slots, the pending and the free
+    slots; a byte a slot) against a set, over random sequences of every
+    operation: membership, adding, taking the lowest, the count below a
+    slot, cutting the tail, the bulk union-minus and intersection (run in
+    chunks of ``_CHUNK`` bytes: a few sizes, so runs cross chunk edges),
+    and the complement open builds."""
+    import pages.pagefile as pagefile
     from pages.pagefile import SlotBitmap
 
+    monkeypatch.setattr(pagefile, "_CHUNK", chunk)
     rng = random.Random(11)
-    for _ in range(200):
-        a_set = {rng.randrange(0, rng.choice([5, 100, 5000])) for _ in range(rng.randint(0, 300))}
-        b_set = {rng.randrange(0, rng.choice([5, 100, 5000])) for _ in range(rng.randint(0, 300))} | set(rng.sample(sorted(a_set), len(a_set) // 2))
-        a, b = SlotBitmap(a_set), SlotBitmap()
-        for s in b_set:
-            b.add(s)
-            b.add(s)  # twice: counted once
-        assert list(a) == sorted(a_set) and len(a) == len(a_set) and len(b) == len(b_set)
-        assert a.highest() == max(a_set, default=-1)
-        assert a.not_in(b) == sorted(a_set - b_set) and b.not_in(a) == sorted(b_set - a_set)
-        for s in range(-2, 5010, 7):
+
+    def same(bm: SlotBitmap, model: set[int]) -> None:
+        assert list(bm) == sorted(model) and len(bm) == len(model)
+        assert bm.highest() == max(model, default=-1) and bm.lowest() == min(model, default=-1)
+
+    for _ in range(150):
+        span = rng.choice([5, 100, 700, 5000])
+        a_set = {rng.randrange(0, span) for _ in range(rng.randint(0, 300))}
+        a = SlotBitmap(a_set)
+        same(a, a_set)
+        for s in range(-2, span + 10, 7):
             assert (s in a) == (s in a_set)
         assert "3" not in a and 3.0 not in a
+        for _ in range(40):
+            op = rng.randrange(7)
+            if op == 0:
+                s = rng.randrange(0, span)
+                a.add(s)
+                a.add(s)  # twice: counted once
+                a_set.add(s)
+            elif op == 1:
+                assert a.pop_lowest() == (min(a_set) if a_set else -1)
+                a_set.discard(min(a_set, default=-1))
+            elif op == 2:
+                end = rng.randrange(-1, span + 2)
+                assert a.count_below(end) == sum(1 for s in a_set if s < end)
+            elif op == 3:
+                top = max(a_set, default=-1) + 1 + rng.choice([0, 0, 1])
+                start = top
+                while start - 1 in a_set:
+                    start -= 1
+                assert a.take_tail(top) == start
+                a_set -= set(range(start, top))
+            elif op == 4:
+                srcs = [{rng.randrange(0, span) for _ in range(rng.randint(0, 200))} for _ in range(rng.randint(1, 2))]
+                minus = {rng.randrange(0, span) for _ in range(rng.randint(0, 200))}
+                want = set().union(*srcs) - minus
+                assert a.add_difference([SlotBitmap(x) for x in srcs], SlotBitmap(minus)) == len(want - a_set)
+                a_set |= want
+            elif op == 5:
+                other = {rng.randrange(0, span) for _ in range(rng.randint(0, 300))} | set(rng.sample(sorted(a_set), len(a_set) // 2))
+                a.keep_only(SlotBitmap(other))
+                a_set &= other
+            else:
+                lo, hi = rng.randrange(0, 4), rng.randrange(0, span + 3)
+                c = SlotBitmap.complement(a, lo, hi)
+                same(c, set(range(lo, hi)) - a_set)
+            same(a, a_set)
+        a.clear()
+        same(a, set())
