@@ -767,7 +767,11 @@ class Database:
         self._check_writable()
         store = self._store
         assert store is not None
-        cell = store.tree.get(key)
+        return self._check_write(tx, key, store.tree.get(key))
+
+    def _check_write(self, tx: Transaction, key: bytes, cell: Any) -> Any:
+        """``_write_precheck`` given the key's current cell (``cell``, or
+        None), which the caller looked up; return it."""
         if cell is not None:
             writer = cell[1]
             if writer != tx.txid or not writer:
@@ -918,10 +922,14 @@ class Database:
         fewer keys than half the store's pages: its keys would rarely share
         a leaf, and a run of one costs more than a single put."""
         with self._latch:
-            precheck = self._write_precheck
-            olds = [precheck(tx, k) for k in keys]
+            self._check_open()
+            self._check_writable()
             store = self._store
             assert store is not None
+            olds = store.tree.cells_of(keys)  # a descent per leaf, not per key
+            check = self._check_write
+            for k, old in zip(keys, olds, strict=True):
+                check(tx, k, old)
             if 2 * len(keys) < store.pagefile.nlids:
                 put_in_leaf = self._put_in_leaf
                 for k, v, old in zip(keys, values, olds, strict=True):

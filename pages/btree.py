@@ -147,6 +147,23 @@ class BTree:
             return leaf.cells[i]
         return None
 
+    def cells_of(self, keys: list[bytes]) -> list[Cell | None]:
+        """The cells stored for sorted, distinct ``keys`` (None where a key
+        has none): ``get`` for each, in one descent per leaf they share."""
+        out: list[Cell | None] = []
+        append = out.append
+        n, i = len(keys), 0
+        while i < n:
+            leaf, upper = self._seek(keys[i])
+            lkeys, lcells = leaf.keys, leaf.cells
+            j = n if upper is None else bisect_left(keys, upper, i + 1)
+            m = len(lkeys)
+            for k in keys[i:j]:
+                p = bisect_left(lkeys, k)
+                append(lcells[p] if p < m and lkeys[p] == k else None)
+            i = j
+        return out
+
     def get_visible(self, key: bytes, horizon: int, own: int) -> bytes | Cell | None:
         """``get`` for the read path: the value itself (bytes) when the
         newest version is a plain value written below ``horizon`` or by
@@ -405,12 +422,13 @@ class BTree:
             merged = dict(zip(lkeys, lcells, strict=True))
             merged.update(zip(keys[start:j], cells, strict=True))
             order = sorted(merged)
-            virtual = LeafNode(order, [merged[k] for k in order])
+            virtual = LeafNode.sized(order, [merged[k] for k in order], new_size)
+            built: redo.Built = {}
             if new_size > self.capacity:
-                self._plan_split(path, virtual, ops, pack=True)
+                self._plan_split(path, virtual, ops, pack=True, built=built)
             else:
                 self._plan_rebalance(path, virtual, ops)
-            redo.apply_live(pool, self.pagefile, log_once, ops)
+            redo.apply_live(pool, self.pagefile, log_once, ops, built)
             return j
 
         return self._guarded(ops, log or self._log, run)
@@ -435,13 +453,14 @@ class BTree:
             leaf.put(key, cell)
             pool.mark_dirty(leaf_lid, leaf, lsn)
             return old
-        virtual = LeafNode(list(leaf.keys), list(leaf.cells))
+        virtual = LeafNode.sized(list(leaf.keys), list(leaf.cells), leaf.size)
         virtual.put(key, cell)
+        built: redo.Built = {}
         if new_size > self.capacity:
-            self._plan_split(path, virtual, ops)
+            self._plan_split(path, virtual, ops, built=built)
         else:
             self._plan_rebalance(path, virtual, ops)
-        redo.apply_live(pool, self.pagefile, log_ops, ops)
+        redo.apply_live(pool, self.pagefile, log_ops, ops, built)
         return old
 
     def delete(self, key: bytes, free_old: bool = True, extra_ops: list[PageOp] | None = None, log: LogOps | None = None) -> Cell | None:
@@ -528,33 +547,37 @@ class BTree:
             ops.append((lid, Op.FREE, b""))
             lid = node.next
 
-    def _split_leaf(self, node: LeafNode) -> int:
-        """Index at which to split an over-full leaf: where the two halves'
-        bytes are closest.  They then differ by at most one cell (a third of
-        a page body), so both stay above the minimum fill."""
-        sizes = [cell_size(k, c) for k, c in zip(node.keys, node.cells, strict=True)]
-        return _balanced_split(sizes)
-
     def _halves(self, node: TreeNode) -> tuple[TreeNode, bytes, TreeNode]:
         """(left, separator, right): ``node``'s content split where the halves'
         bytes balance best.  A leaf's separator is the right half's first key;
-        an internal node's moves up and is in neither half."""
+        an internal node's moves up and is in neither half.
+
+        A leaf splits where the two halves' bytes are closest: they then
+        differ by at most one cell (a third of a page body), so both stay
+        above the minimum fill."""
+        keys = node.keys
         if isinstance(node, LeafNode):
-            i = self._split_leaf(node)
-            return LeafNode(node.keys[:i], node.cells[:i]), node.keys[i], LeafNode(node.keys[i:], node.cells[i:])
-        m = self._split_internal(node)
+            cells = node.cells
+            sizes = [cell_size(k, c) for k, c in zip(keys, cells, strict=True)]
+            i = _balanced_split(sizes)
+            left = 2 + sum(sizes[:i])
+            return LeafNode.sized(keys[:i], cells[:i], left), keys[i], LeafNode.sized(keys[i:], cells[i:], node.size - left + 2)
+        sizes = [10 + len(k) for k in keys]
+        m = self._split_internal(sizes)
+        left = 10 + sum(sizes[:m])
+        children = node.children
         return (
-            InternalNode(node.keys[:m], node.children[: m + 1]),
-            node.keys[m],
-            InternalNode(node.keys[m + 1 :], node.children[m + 1 :]),
+            InternalNode.sized(keys[:m], children[: m + 1], left),
+            keys[m],
+            InternalNode.sized(keys[m + 1 :], children[m + 1 :], node.size - left + 10 - sizes[m]),
         )
 
     @staticmethod
-    def _split_internal(node: InternalNode) -> int:
+    def _split_internal(sizes: list[int]) -> int:
         """Index of the separator that moves up when splitting an over-full
-        internal node: the one that balances the halves' bytes best (keys
-        vary from 1 to 1024 bytes, so the middle index could over-fill one)."""
-        sizes = [10 + len(k) for k in node.keys]
+        internal node whose entries take ``sizes`` bytes: the one that
+        balances the halves' bytes best (keys vary from 1 to 1024 bytes, so
+        the middle index could over-fill one)."""
         n = len(sizes)
         total = sum(sizes)
         best, best_gap, left = 1, None, 0
@@ -566,12 +589,14 @@ class BTree:
             left += sizes[m]
         return best
 
-    def _plan_split(self, path: Path, node: TreeNode, ops: list[PageOp], pack: bool = False) -> None:
+    def _plan_split(self, path: Path, node: TreeNode, ops: list[PageOp], pack: bool = False, built: redo.Built | None = None) -> None:
         """Split ``node`` (the virtual state of the last page of ``path``) and
         every ancestor it over-fills.  A node splits into balanced halves
         when they fit (a node over-full by one entry); with ``pack`` (a run
         of puts), or when halves would not fit, into as few pieces as hold
-        it, filled in key order (``_pack``)."""
+        it, filled in key order (``_pack``).  ``built`` collects the new
+        nodes by their IMAGE ops, for ``redo.apply_live`` to install as
+        they are rather than decode what they were just encoded to."""
         level = len(path) - 1
         while node.size > self.capacity:
             lid = path[level][0]
@@ -580,19 +605,19 @@ class BTree:
                 lids = [self.pagefile.allocate() for _ in pieces[1:]]
                 lids.insert(0, self.pagefile.allocate())  # as before packing: the right half's id first
                 for piece_lid, piece in zip(lids, pieces, strict=True):
-                    ops.append((piece_lid, Op.IMAGE, op_image(piece)))
+                    _image(ops, piece_lid, piece, built)
                 node = InternalNode(seps, lids)
                 if node.size <= self.capacity:
-                    ops.append((lid, Op.IMAGE, op_image(node)))
+                    _image(ops, lid, node, built)
                     return
                 path = [(lid, node)]  # a root too big for one page: split it again, a level up
                 continue
             new_lids = [self.pagefile.allocate() for _ in pieces[1:]]
             for piece_lid, piece in zip(new_lids, pieces[1:], strict=True):
-                ops.append((piece_lid, Op.IMAGE, op_image(piece)))
-            ops.append((lid, Op.IMAGE, op_image(pieces[0])))
+                _image(ops, piece_lid, piece, built)
+            _image(ops, lid, pieces[0], built)
             parent_lid, parent = _parent_of(path, level)
-            virtual = InternalNode(list(parent.keys), list(parent.children))
+            virtual = InternalNode.sized(list(parent.keys), list(parent.children), parent.size)
             idx = virtual.child_index(seps[0])
             for n, (sep, piece_lid) in enumerate(zip(seps, new_lids, strict=True)):
                 virtual.insert(idx + n, sep, piece_lid)
@@ -624,11 +649,11 @@ class BTree:
             for i, k in enumerate(keys):
                 cs = cell_size(k, cells[i])
                 if size + cs > cap and i > begin:
-                    pieces.append(LeafNode(keys[begin:i], cells[begin:i]))
+                    pieces.append(LeafNode.sized(keys[begin:i], cells[begin:i], size))
                     seps.append(k)
                     begin, size = i, 2
                 size += cs
-            pieces.append(LeafNode(keys[begin:], cells[begin:]))
+            pieces.append(LeafNode.sized(keys[begin:], cells[begin:], size))
         else:
             children = node.children
             begin, size = 0, 10
@@ -658,7 +683,7 @@ class BTree:
         ops.append((lid, Op.IMAGE, op_image(node)))
         while level > 0 and node.size < self.min_fill:
             parent_lid, parent_real = _parent_of(path, level)
-            parent = InternalNode(list(parent_real.keys), list(parent_real.children))
+            parent = InternalNode.sized(list(parent_real.keys), list(parent_real.children), parent_real.size)
             idx = parent.children.index(lid)
             if idx > 0:
                 li, left_lid, right_lid = idx - 1, parent.children[idx - 1], lid
@@ -695,9 +720,9 @@ class BTree:
         node = self.pool.get(lid)
         copy: TreeNode
         if node.__class__ is LeafNode:
-            copy = LeafNode(list(node.keys), list(node.cells))
+            copy = LeafNode.sized(list(node.keys), list(node.cells), node.size)
         else:
-            copy = InternalNode(list(node.keys), list(node.children))
+            copy = InternalNode.sized(list(node.keys), list(node.children), node.size)
         for olid, op, data in ops:
             if olid == lid:
                 copy = redo.apply_to_node(copy, op, data)
@@ -766,6 +791,15 @@ class BTree:
             lid = node.next
         assert got == ref.stored, f"overflow chain at {ref.first} holds {got} bytes, expected {ref.stored}"
         return n
+
+
+def _image(ops: list[PageOp], lid: int, node: TreeNode, built: redo.Built | None) -> None:
+    """Add the IMAGE op that makes page ``lid`` hold ``node``, and note the
+    node in ``built`` (keyed by the op's bytes) when given."""
+    data = op_image(node)
+    if built is not None:
+        built[id(data)] = node
+    ops.append((lid, Op.IMAGE, data))
 
 
 def _leaf_of(path: Path) -> tuple[int, LeafNode]:

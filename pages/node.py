@@ -105,6 +105,15 @@ class LeafNode:
         self.page_lsn = page_lsn
         self.size = 2 + sum(cell_size(k, c) for k, c in zip(self.keys, self.cells, strict=True))
 
+    @classmethod
+    def sized(cls, keys: list[bytes], cells: list[Cell], size: int) -> LeafNode:
+        """A leaf whose encoded size the caller has counted already (a
+        split's pieces, a run's merged leaf): ``__init__`` without the pass
+        over the cells."""
+        node = cls.__new__(cls)
+        node.keys, node.cells, node.page_lsn, node.size = keys, cells, 0, size
+        return node
+
     def encode(self) -> bytes:
         # encode_cell inlined: this runs for every page a checkpoint writes
         pack, ref_pack = _CELL.pack, _OVF_REF.pack
@@ -188,6 +197,14 @@ class InternalNode:
         self.children = children
         self.page_lsn = page_lsn
         self.size = 10 + sum(10 + len(k) for k in keys)
+
+    @classmethod
+    def sized(cls, keys: list[bytes], children: list[int], size: int) -> InternalNode:
+        """A node whose encoded size the caller has counted already (a copy,
+        a split's halves): ``__init__`` without the pass over the keys."""
+        node = cls.__new__(cls)
+        node.keys, node.children, node.page_lsn, node.size = keys, children, 0, size
+        return node
 
     def encode(self) -> bytes:
         parts = [_U16.pack(len(self.keys)), _U64.pack(self.children[0])]

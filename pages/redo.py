@@ -24,6 +24,15 @@ from pages.node import Op, PageOp, apply_tree_op, decode_node, pack_ops, unpack_
 
 _UNDO_OPS = (Op.UNDO_APPEND, Op.UNDO_SETNEXT, Op.UNDO_MARK)
 
+#: Nodes a structure change built while planning, by ``id()`` of the IMAGE
+#: op's bytes they were encoded to: the live path installs the node itself
+#: instead of decoding those bytes back (restart decodes them; the two are
+#: equal because encoding round-trips, which ``CHECK_BUILT`` verifies).
+Built = dict[int, Any]
+#: Tests set this: every built node is compared with the decoding of its
+#: image (type, keys, cells or children, size) before it is installed.
+CHECK_BUILT = False
+
 
 def decode_any(ptype: int, body: bytes, page_lsn: int = 0) -> Any:
     """The decoded node for any page type the buffer pool holds."""
@@ -46,7 +55,7 @@ def apply_to_node(node: Any, op: int, data: bytes) -> Any:
     return apply_tree_op(node, op, data)
 
 
-def _apply(pool: Any, pagefile: Any, lid: int, op: int, data: bytes, lsn: int) -> None:
+def _apply(pool: Any, pagefile: Any, lid: int, op: int, data: bytes, lsn: int, built: Built | None = None) -> None:
     """Apply one op at ``lsn`` (the redo decision has been made)."""
     if op == Op.FREE:
         if pagefile.is_allocated(lid):
@@ -55,7 +64,12 @@ def _apply(pool: Any, pagefile: Any, lid: int, op: int, data: bytes, lsn: int) -
         return
     if op == Op.IMAGE:
         pagefile.ensure_allocated(lid)
-        pool.install(lid, decode_any(data[0], data[1:]), lsn)
+        node = built.pop(id(data), None) if built else None
+        if node is None:
+            node = decode_any(data[0], data[1:])
+        elif CHECK_BUILT:
+            _check_built(node, data)
+        pool.install(lid, node, lsn)
         return
     if not pagefile.is_allocated(lid):
         raise ValueError(f"op {op} on page {lid}, which is not allocated")
@@ -80,17 +94,27 @@ def _needs_redo(pool: Any, pagefile: Any, lid: int, first_op: int, lsn: int) -> 
     return first_op == Op.IMAGE
 
 
-def apply_live(pool: Any, pagefile: Any, log_ops: Callable[[list[PageOp]], int], ops: list[PageOp]) -> int:
-    """Log ``ops`` as one record, then apply them; return the record's LSN."""
+def _check_built(node: Any, data: bytes) -> None:
+    decoded = decode_any(data[0], data[1:])
+    same = type(node) is type(decoded) and node.keys == decoded.keys and node.size == decoded.size
+    if same:
+        same = node.cells == decoded.cells if hasattr(node, "cells") else node.children == decoded.children
+    if not same:
+        raise AssertionError(f"a built node differs from the decoding of its logged image: {node!r} against {decoded!r}")
+
+
+def apply_live(pool: Any, pagefile: Any, log_ops: Callable[[list[PageOp]], int], ops: list[PageOp], built: Built | None = None) -> int:
+    """Log ``ops`` as one record, then apply them; return the record's LSN.
+    ``built``: nodes to install for IMAGE ops (``Built``)."""
     lsn = log_ops(ops)
-    apply_logged(pool, pagefile, ops, lsn)
+    apply_logged(pool, pagefile, ops, lsn, built)
     return lsn
 
 
-def apply_logged(pool: Any, pagefile: Any, ops: list[PageOp], lsn: int) -> None:
+def apply_logged(pool: Any, pagefile: Any, ops: list[PageOp], lsn: int, built: Built | None = None) -> None:
     """Apply ``ops`` that the caller logged at ``lsn``."""
     for lid, op, data in ops:
-        _apply(pool, pagefile, lid, op, data, lsn)
+        _apply(pool, pagefile, lid, op, data, lsn, built)
 
 
 def redo_record(pool: Any, pagefile: Any, lsn: int, payload: bytes, touched: set[int] | None = None) -> int:

@@ -7,6 +7,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import pages.redo  # noqa: E402  (after ROOT is on the path)
+
+# Every test checks each node a structure change installs as built against
+# the decoding of the image it logged (what restart would install).
+pages.redo.CHECK_BUILT = True
+
 settings.register_profile(
     "ci",
     max_examples=60,

@@ -358,6 +358,26 @@ def test_deleting_most_keys_shrinks_depth_and_pages_and_frees_slots_for_reuse():
     check_store(store)
 
 
+def test_cells_of_sorted_keys_equals_get_of_each():
+    """``cells_of`` (put_many's conflict checks: one descent per leaf the
+    keys share) returns what ``get`` returns for each key: present keys,
+    absent ones between, before and after them, at the edges of leaves, in
+    a tree four levels deep whose small cache evicts while it reads."""
+    fs, wal, store = new_store(page_size=512, cache_pages=16)
+    tree = store.tree
+    for i in range(0, 3000, 2):
+        tree.put(b"key-%05d" % i, value_bytes(30 + i % 50, 0, i))
+    assert tree.depth() >= 4
+    rng = random.Random(5)
+    universe = [b"key-%05d" % i for i in range(-5, 3010)] + [b"", b"a", b"key-", b"z"][1:]
+    for _ in range(60):
+        keys = sorted(set(rng.sample(universe, rng.choice([1, 2, 10, 300, 2000]))))
+        assert tree.cells_of(keys) == [tree.get(k) for k in keys]
+    every = sorted(universe)
+    assert tree.cells_of(every) == [tree.get(k) for k in every]
+    assert tree.cells_of([]) == []
+
+
 def test_deleting_every_key_leaves_an_empty_root_leaf():
     fs, wal, store = new_store(page_size=512, cache_pages=8)
     keys = [b"%06d" % i for i in range(500)]
