@@ -72,6 +72,10 @@ class BTree:
     def __init__(self, pool: BufferPool, pagefile: PageFile, log_ops: LogOps, root: int, capacity: int | None = None) -> None:
         self.pool = pool
         self.pagefile = pagefile
+        # the pool's frame table, for the read path's inlined hit (the pool
+        # never replaces it)
+        self._find = pool._frames.get
+        self._to_young_end = pool._frames.move_to_end
         self._log = log_ops
         self.root = root
         self.capacity = capacity or body_capacity(pagefile.page_size)
@@ -173,14 +177,13 @@ class BTree:
         The descent is ``_leaf``'s, inlined: this is the hottest path.  It
         stamps no frame: a read runs outside any pool operation, so a stamp
         would pin nothing (``BufferPool._evict`` pins only during one)."""
-        pool = self.pool
-        frames = pool._frames
-        find = frames.get
+        find = self._find
         lid = self.root
         hits = 0
         while True:
             frame = find(lid)
             if frame is None:
+                pool = self.pool
                 node = pool.get(lid)
                 if node.__class__ is not InternalNode:
                     pool.hits += hits
@@ -188,8 +191,8 @@ class BTree:
             else:
                 node = frame.node
                 if node.__class__ is not InternalNode:
-                    frames.move_to_end(lid)
-                    pool.hits += hits + 1
+                    self._to_young_end(lid)
+                    self.pool.hits += hits + 1
                     break
                 hits += 1
             lid = node.children[bisect_right(node.keys, key)]

@@ -378,6 +378,27 @@ def test_cells_of_sorted_keys_equals_get_of_each():
     assert tree.cells_of([]) == []
 
 
+def test_reads_keep_the_leaf_they_read_young_in_the_cache():
+    """A read moves its leaf to the young end of the pool's LRU (the read
+    paths inline the pool's hit), so a leaf read between every cold read
+    is never evicted however many cold leaves pass through a small cache."""
+    fs, wal, store = new_store(page_size=512, cache_pages=16)
+    tree, pool = store.tree, store.tree.pool
+    keys = [b"key-%05d" % i for i in range(3000)]
+    for i, k in enumerate(keys):
+        tree.put(k, value_bytes(30, 0, i))
+    hot = keys[1500]
+    for read in (lambda k: tree.get(k), lambda k: tree.get_visible(k, 1 << 62, 0)):
+        read(hot)
+        misses = pool.misses
+        for cold in keys[::40]:
+            read(cold)
+            assert read(hot) is not None
+            assert next(reversed(pool._frames)) == tree.leaf_for_write(hot)[0]  # the hot leaf is the youngest
+        assert pool.misses - misses >= len(keys[::40]) // 2  # the cold reads did go to disk
+        assert pool.cached(tree.leaf_for_write(hot)[0]) is not None
+
+
 def test_deleting_every_key_leaves_an_empty_root_leaf():
     fs, wal, store = new_store(page_size=512, cache_pages=8)
     keys = [b"%06d" % i for i in range(500)]
