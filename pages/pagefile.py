@@ -195,6 +195,7 @@ class SlotBitmap:
         it begins: ``top`` when ``top - 1`` is not in the set.  The caller
         knows no slot at or above ``top`` is in the set."""
         bits = self._bits
+        assert bits.find(1, max(top, 0)) < 0, "a slot at or above the cut is in the set"
         if not 0 < top <= len(bits) or not bits[top - 1]:
             return top
         start = bits.rfind(0, 0, top) + 1
@@ -681,6 +682,7 @@ class PageFile:
         cut is durable with the next fsync (``sync_cut``, or the next flip's);
         until then a crash may keep the tail, which open finds free."""
         top = self._free_slots.take_tail(self._nslots)  # the metas are never free
+        assert top >= _META_SLOTS, "a meta slot was free"
         cut = self._nslots - top
         if cut:
             self._nslots = top
