@@ -19,8 +19,11 @@ A decoded page costs more than its bytes: a leaf of 16-byte keys and
 100-byte values (29 cells, 4,033 bytes encoded) holds 9,950 bytes of Python
 objects as tracemalloc counts them, and 11,006 bytes of RSS -- 2.5 to 2.7
 times its page.  So each frame is charged an estimate of the memory it holds
-(``memory_cost``), and the pool keeps the sum (``used``) at or under
-``cache_size``:
+(``memory_cost``), and the pool keeps the sum (``used``) at or under its
+``budget``: ``cache_size`` less what the page file's in-memory table takes
+(``PageFile.memory_bytes``: 8 bytes a page id and a byte a slot, so it
+grows with the database; never more than half of ``cache_size`` is given
+to it), so that ``cache_size`` bounds the pool and the table together:
 
     frame                FRAME_COST  (the Frame, its OrderedDict and dirty-table
                                       entries, its page id, LSN and stamp ints)
@@ -187,7 +190,8 @@ class BufferPool:
         if not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an int >= 0 bytes, not {cache_size!r}")
         self.pagefile = pagefile
-        self.budget = cache_size  # bytes the frames may be charged (B2)
+        self.cache_size = cache_size
+        self.budget = cache_size  # bytes the frames may be charged (B2): what the page table leaves
         self.capacity = max(MIN_FRAMES, cache_size // pagefile.page_size)  # frames at most (B2)
         self.used = 0  # bytes charged: the sum of the frames' costs (B1)
         self._flush_log = flush_log
@@ -197,6 +201,8 @@ class BufferPool:
         # walk the whole pool under the latch
         self._dirty: dict[int, Frame] = {}
         self._op = 0  # the current operation's stamp; odd while one runs
+        pagefile.on_table_change = self.refresh_budget
+        self.refresh_budget()
         self._all_pinned = -1  # the operation during which every frame was found pinned
         self.hits = 0
         self.misses = 0
@@ -204,6 +210,14 @@ class BufferPool:
         self.steals = 0
 
     # --- operations ------------------------------------------------------------
+
+    def refresh_budget(self) -> None:
+        """Charge the page file's in-memory table (``PageFile.memory_bytes``,
+        which grows with the database) to ``cache_size`` as well: the frames
+        get what it leaves, but never less than half of ``cache_size``.  The
+        page file calls this as its table grows (every 1,024 ids or slots)
+        and after each flip; the next eviction goes down to the new budget."""
+        self.budget = max(self.cache_size // 2, self.cache_size - self.pagefile.memory_bytes())
 
     def begin_op(self) -> None:
         self._op += 1
@@ -328,7 +342,16 @@ class BufferPool:
 
     def _evict(self) -> None:
         """Evict least recently used frames, not pinned by the running
-        operation, until the pool is within its budget and capacity (B2)."""
+        operation, until the pool is within its budget and capacity (B2).
+        A steal's write may take a new slot and so lower the budget (the
+        page table grew): then it goes round again."""
+        budget = self.budget
+        while self._evict_some() and self.budget < budget and self.used > self.budget:
+            budget = self.budget
+
+    def _evict_some(self) -> bool:
+        """One round of ``_evict`` against the budget as it stands; return
+        whether it evicted anything."""
         frames = self._frames
         op = self._op
         excess_frames = len(frames) - self.capacity
@@ -358,6 +381,7 @@ class BufferPool:
             del frames[lid]
             self.used -= frame.cost
             self.evictions += 1
+        return bool(victims)
 
     def write_dirty(self) -> int:
         """Write every dirty page (before a flip); return how many."""

@@ -81,7 +81,7 @@ def test_pool_charge_stays_within_cache_size_after_every_operation(tmp_path: Any
     cache = 4 * MiB
     db = kvstore.open(tmp_path / "db", sync="off", cache_size=cache, checkpoint_interval=3600)
     pool = db._store.pool
-    assert pool.budget == cache and pool.capacity == cache // 4096
+    assert pool.budget == cache - db._store.pagefile.memory_bytes() and pool.capacity == cache // 4096
     ops = [0]
     end_op = pool.end_op
 
@@ -129,7 +129,44 @@ def test_pool_charge_stays_within_cache_size_after_every_operation(tmp_path: Any
         db.get(k)
     check_pool(pool)
     assert ops[0] > 30_000 and pool.evictions > 1000 and discarded[0] > 100
-    assert pool.used > 0.9 * cache  # the pool used its budget (a charge of nothing would not)
+    assert pool.used > 0.9 * pool.budget  # the pool used its budget (a charge of nothing would not)
+    db.close()
+
+
+def test_the_page_table_is_charged_to_cache_size(tmp_path: Any) -> None:
+    """``cache_size`` bounds the pool and the page file's in-memory table
+    together: as the table grows (every 1,024 page ids or slots, and at each
+    flip) the pool's budget shrinks by what the table takes, the pool
+    evicts down to it, and the table never gets more than half."""
+    cache = 2 * MiB
+    db = kvstore.open(tmp_path / "db", sync="off", cache_size=cache, checkpoint_interval=3600)
+    pool, pagefile = db._store.pool, db._store.pagefile
+    allocate = pagefile.allocate
+    seen = []
+
+    def checked_allocate() -> int:
+        lid = allocate()
+        if lid % 1024 == 0:  # a step: the budget follows the table at once
+            assert pool.budget == max(cache // 2, cache - pagefile.memory_bytes())
+            seen.append(pool.budget)
+        return lid
+
+    pagefile.allocate = checked_allocate  # type: ignore[method-assign]
+    rng = random.Random(3)
+    for t in range(12):
+        with db.transaction() as tx:
+            tx.put_many([(rng.randbytes(16), rng.randbytes(100)) for _ in range(5000)])
+        assert pool.used <= pool.budget or len(pool) <= MIN_FRAMES  # B2, after the last operation
+        if t % 4 == 3:
+            db.checkpoint()
+            assert pool.budget == max(cache // 2, cache - pagefile.memory_bytes())
+    assert len(seen) >= 2 and seen == sorted(seen, reverse=True)  # shrinking as the table grows
+    table = pagefile.memory_bytes()
+    assert table > 30_000 and pool.budget == cache - table  # 2,000+ pages: the table is charged
+    pagefile.on_table_change = None
+    pagefile._slot.extend(bytes(4 * 400_000))  # a table too big for half the cache (as if 400,000 more ids)
+    pool.refresh_budget()
+    assert pool.budget == cache // 2
     db.close()
 
 
