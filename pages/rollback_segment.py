@@ -91,13 +91,18 @@ def encode_undo(txid: int, txn_prev: int, prev_writer: int, prev_undo: int, flag
 
 
 class UndoPage:
-    __slots__ = ("next", "data", "page_lsn")
+    __slots__ = ("next", "data", "page_lsn", "_scanned", "_newest")
     ptype = PageType.UNDO
 
     def __init__(self, next_: int = 0, data: bytes = b"", page_lsn: int = 0) -> None:
         self.next = next_
         self.data = bytearray(data)
         self.page_lsn = page_lsn
+        # newest_txid's memo: the highest txid in data[:_scanned], whose
+        # framing it has checked (records are only appended after that; an
+        # UNDO_APPEND that cuts below it resets it)
+        self._scanned = 0
+        self._newest = 0
 
     @property
     def size(self) -> int:
@@ -123,11 +128,16 @@ class UndoPage:
         """The highest transaction id among the page's records (0 for none),
         from their headers and length fields alone.  Raises CorruptionError,
         as ``records`` does, if a record runs past the page or its lengths
-        disagree."""
+        disagree.  Only the records appended since the last call are read:
+        purge asks again about the page it stopped at every time it runs."""
         data = self.data
         n = len(data)
+        pos, newest = self._scanned, self._newest
+        if pos == n:
+            return newest
+        if pos > n:  # cut (an UNDO_APPEND's redo): read it all again
+            pos = newest = 0
         unpack, klen_at, u32 = _LEN_TXID.unpack_from, _KLEN.unpack_from, _U32.unpack_from
-        pos = newest = 0
         while pos < n:
             where = f"undo page {lid} offset {pos}"
             if pos + _REC.size > n:
@@ -142,6 +152,7 @@ class UndoPage:
             if txid > newest:
                 newest = txid
             pos = end
+        self._scanned, self._newest = n, newest
         return newest
 
     def purge_work(self, lid: int) -> list[UndoRecord]:
@@ -215,6 +226,8 @@ def apply_undo_op(node: UndoPage, op: int, data: bytes) -> UndoPage:
         rec = data[4:]
         del node.data[offset:]
         node.data += rec
+        if offset < node._scanned:  # the memo covered what was cut
+            node._scanned = node._newest = 0
     elif op == Op.UNDO_SETNEXT:
         node.next = _U64.unpack_from(data)[0]
     elif op == Op.UNDO_MARK:

@@ -306,3 +306,33 @@ def test_purge_reads_of_an_undo_page_match_its_full_decoding():
                 damaged.records(7)
             with pytest.raises(CorruptionError, match="does not match its fields"):
                 damaged.newest_txid(7)
+
+
+def test_newest_txid_remembers_what_it_read_and_sees_appends_and_cuts():
+    """``newest_txid`` reads only the records appended since it last looked
+    (purge asks again about the page it stopped at on every run), yet always
+    answers what a full read of the page would: after appends in place (the
+    one-descent put's), after UNDO_APPEND redo at the end, and after an
+    UNDO_APPEND that cuts below what it had read and writes other records
+    there (a redo of an older append), whose txids may be higher."""
+    from pages.node import Op
+    from pages.rollback_segment import UndoPage, apply_undo_op, encode_undo
+
+    rng = random.Random(9)
+    for _ in range(100):
+        page = UndoPage()
+        for _ in range(30):
+            rec = encode_undo(rng.randint(1, 10**6), 0, 3, 4, 0, rng.randbytes(rng.randint(1, 20)), rng.randbytes(rng.randint(0, 30)))
+            how = rng.randrange(3)
+            if how == 0:
+                page.data += rec
+            elif how == 1:
+                apply_undo_op(page, Op.UNDO_APPEND, len(page.data).to_bytes(4, "little") + rec)
+            else:  # cut back to an earlier record boundary, then append there
+                ends = [0]
+                while ends[-1] < len(page.data):
+                    ends.append(ends[-1] + 4 + int.from_bytes(page.data[ends[-1] : ends[-1] + 4], "little"))
+                offset = rng.choice(ends)
+                apply_undo_op(page, Op.UNDO_APPEND, offset.to_bytes(4, "little") + rec)
+            if rng.random() < 0.5:
+                assert page.newest_txid(7) == UndoPage(0, bytes(page.data)).newest_txid(7) == max(r.txid for r in page.records(7))
