@@ -390,15 +390,25 @@ class PageFile:
         used = self._durable_slots
         if meta.pt_depth:
             self._load_pt_level(meta.pt_depth - 1, 0, meta.pt_root, meta.pt_root_crc)
+        # SlotBitmap.add inlined: this pass is most of an open's time
+        nslots, table = self._nslots, self._slot
+        bits = used._bits
+        if len(bits) < nslots:
+            bits.extend(bytes(nslots - len(bits)))
+        free_lids = []
+        added = 0
         for lid in range(1, nlids):
-            s = self._slot[lid]
+            s = table[lid]
             if s:
-                if s >= self._nslots or s < _META_SLOTS or s in used:
+                if s >= nslots or s < _META_SLOTS or bits[s]:
                     raise CorruptionError(f"{self.path} page table", f"page {lid} maps to slot {s}, which is out of range or used twice")
-                used.add(s)
+                bits[s] = 1
+                added += 1
             else:
-                self._free_lids.add(lid)
-        self._free_slots = SlotBitmap.complement(used, _META_SLOTS, self._nslots)
+                free_lids.append(lid)
+        used._count += added
+        self._free_lids.update(free_lids)
+        self._free_slots = SlotBitmap.complement(used, _META_SLOTS, nslots)
 
     def _load_pt_level(self, level: int, index: int, slot: int, crc: int) -> None:
         where = f"{self.path} page-table page (level {level}, index {index}) at slot {slot}"

@@ -491,3 +491,28 @@ def test_slot_bitmap_behaves_as_a_set_of_slots(monkeypatch, chunk):
             same(a, a_set)
         a.clear()
         same(a, set())
+
+
+@pytest.mark.parametrize("damage", ["two pages in one slot", "a slot past the end", "a meta slot"])
+def test_open_refuses_a_page_table_that_maps_pages_to_impossible_slots(monkeypatch, damage):
+    """Open checks every entry of the page table it loads: two pages in one
+    slot, a slot beyond the end of the file, or a meta slot raise
+    CorruptionError naming the page table (its pages' checksums cannot
+    catch a table that was written wrong)."""
+    from wal.errors import CorruptionError
+
+    fs, wal, store = new_store(page_size=512, cache_pages=16)
+    for i in range(300):
+        store.tree.put(b"key-%04d" % i, b"v" * 40)
+    store.flip(wal.end_lsn)
+    load = PageFile._load_pt_level
+
+    def damaged_load(self, level, index, slot, crc):
+        load(self, level, index, slot, crc)
+        if level == 0 and index == 0:
+            first, second = [lid for lid in range(1, len(self._slot)) if self._slot[lid]][:2]
+            self._slot[second] = {"two pages in one slot": self._slot[first], "a slot past the end": self._nslots + 3, "a meta slot": 1}[damage]
+
+    monkeypatch.setattr(PageFile, "_load_pt_level", damaged_load)
+    with pytest.raises(CorruptionError, match="out of range or used twice"):
+        open_image(fs)
